@@ -1,0 +1,25 @@
+"""llmopt: make pretrained LLMs cheaper to serve, and measure what it costs in accuracy."""
+
+from llmopt.checkpoint import load_optimized, save_optimized
+from llmopt.config import (
+    HealingConfig,
+    KVCompressionConfig,
+    OptimizationConfig,
+    SparseAttentionConfig,
+    TokenRoutingConfig,
+)
+from llmopt.paths import cache_dir
+from llmopt.patch import patch_model
+
+__version__ = "0.1.0"
+__all__ = [
+    "HealingConfig",
+    "KVCompressionConfig",
+    "OptimizationConfig",
+    "SparseAttentionConfig",
+    "TokenRoutingConfig",
+    "cache_dir",
+    "load_optimized",
+    "patch_model",
+    "save_optimized",
+]

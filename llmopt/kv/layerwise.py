@@ -1,0 +1,143 @@
+"""Sequential, layer-by-layer calibration over cached hidden states (the GPTQ / llm-compressor pipeline).
+
+Each layer is calibrated on the inputs that the already-compressed layers before it produce, so errors do
+not compound unseen; only one layer's activations are ever held, and offloaded models (accelerate's
+``device_map="auto"``) work because each layer moves its own weights when called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from llmopt.arch import ArchAdapter, AttentionShape
+from llmopt.kv.fold import fold_attention
+from llmopt.kv.solvers import GroupFold, reconstruction_error
+from llmopt.kv.statistics import LayerStatistics, StatisticsCollector
+
+Batch = tuple[torch.Tensor, dict]
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def first_layer_inputs(model: nn.Module, adapter: ArchAdapter, windows: torch.Tensor, batch_size: int) -> list[Batch]:
+    """The hidden states and keyword arguments (rotary embeddings, mask) that reach decoder layer 0."""
+    captured: list[Batch] = []
+
+    def stop(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, kwargs))
+        raise _StopForward
+
+    handle = adapter.decoder_layers(model)[0].register_forward_pre_hook(stop, with_kwargs=True)
+    body = model.get_submodule(adapter.layers.rsplit(".", 1)[0])
+    device = next(model.parameters()).device
+    try:
+        for batch in windows.split(batch_size):
+            try:
+                body(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # transformers < 5 returns a tuple
+
+
+def refit_output_projection(attention: nn.Module, o_proj: nn.Linear, calls: list[tuple[dict, torch.Tensor]],
+                            ridge: float = 1e-3) -> float:
+    """Least-squares o_proj so the folded attention reproduces the original outputs of the same calls.
+
+    Returns the relative residual of the fit (0 = exact).
+    """
+    width = o_proj.in_features
+    gram = torch.zeros(width, width, dtype=torch.float64)
+    cross = torch.zeros(width, o_proj.out_features, dtype=torch.float64)
+    energy = torch.zeros((), dtype=torch.float64)
+    inputs: list[torch.Tensor] = []
+    handle = o_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    try:
+        for kwargs, target in calls:
+            attention(**kwargs)
+            a = inputs.pop().flatten(0, -2).to(torch.float64).cpu()
+            t = target.flatten(0, -2).to(torch.float64).cpu()
+            if o_proj.bias is not None:
+                t = t - o_proj.bias.to(torch.float64).cpu()
+            gram += a.T @ a
+            cross += a.T @ t
+            energy += (t**2).sum()
+    finally:
+        handle.remove()
+    # Ridge toward the folded o_proj, not toward zero: where the fold is exact, the refit changes nothing.
+    folded = o_proj.weight.detach().to(torch.float64).cpu().T  # [in, out]
+    damp = ridge * torch.diagonal(gram).mean() * torch.eye(width, dtype=torch.float64)
+    solution = folded + torch.linalg.solve(gram + damp, cross - gram @ folded)
+    # ‖A W − T‖² = ‖T‖² − 2⟨W, C⟩ + ⟨W, G W⟩
+    error = energy - 2 * (solution * cross).sum() + (solution * (gram @ solution)).sum()
+    o_proj.weight.copy_(solution.T.to(o_proj.weight))
+    return float((error.clamp_min(0) / energy.clamp_min(1e-300)).sqrt())
+
+
+@dataclass
+class LayerReport:
+    """Per layer: relative RMS reconstruction error of keys and values on windows held out from the fit, and
+    the relative residual of the o_proj refit (None without refit)."""
+
+    key_error: float
+    value_error: float
+    refit_residual: float | None
+
+
+@torch.no_grad()
+def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: AttentionShape, groups: int,
+                        windows: torch.Tensor, solve: Callable[[nn.Module, LayerStatistics], GroupFold],
+                        refit: bool, batch_size: int = 4) -> list[LayerReport]:
+    """Fold every layer in turn: statistics on its current inputs → `solve` → fold → optional o_proj refit.
+
+    The last eighth of the windows is held out from the fit and only measures the reconstruction error.
+    """
+    held_out = max(len(windows) // 8, 1) if len(windows) > 1 else 0
+    fit = first_layer_inputs(model, adapter, windows[: len(windows) - held_out], batch_size)
+    check = first_layer_inputs(model, adapter, windows[len(windows) - held_out:], batch_size) if held_out else []
+    reports = []
+    for layer in tqdm(adapter.decoder_layers(model), desc="calibrating layers", unit="layer"):
+        attention = layer.get_submodule(adapter.attention)
+        calls: list[tuple[dict, torch.Tensor]] = []
+        handle = attention.register_forward_hook(
+            lambda _m, args, kwargs, out: calls.append(({**kwargs, **dict(zip(["hidden_states"], args))}, out[0])),
+            with_kwargs=True) if refit else None
+        fit_stats = _run_collecting(layer, attention, adapter, shape, groups, fit)
+        if handle is not None:
+            handle.remove()
+        check_stats = _run_collecting(layer, attention, adapter, shape, groups, check) if check else fit_stats
+        fold = solve(attention, fit_stats)
+        key_error, value_error = reconstruction_error(fold, check_stats)
+        fold_attention(attention, adapter, fold, shape.num_heads, shape.num_kv_heads, shape.head_dim)
+        residual = refit_output_projection(attention, getattr(attention, adapter.o_proj), calls) if refit else None
+        del calls
+        reports.append(LayerReport(key_error, value_error, residual))
+        fit = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in fit]
+        check = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in check]
+    return reports
+
+
+def _run_collecting(layer: nn.Module, attention: nn.Module, adapter: ArchAdapter, shape: AttentionShape,
+                    groups: int, batches: list[Batch]) -> LayerStatistics:
+    collector = StatisticsCollector([attention], adapter, shape, groups)
+    try:
+        for hidden, kwargs in batches:
+            layer(hidden, **kwargs)
+    finally:
+        collector.remove()
+    return collector.layers[0].normalized()

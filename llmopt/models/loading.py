@@ -1,0 +1,40 @@
+"""One way to name a model everywhere: an embedded name, a local HF directory, or a hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmopt.models.default import DEFAULT_MODEL, MHA_TWIN, default_model_dir
+
+EMBEDDED = (DEFAULT_MODEL, MHA_TWIN)
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A path or hub id that ``from_pretrained`` accepts; embedded names are provisioned into the cache."""
+    if name_or_path in EMBEDDED:
+        return str(default_model_dir(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path)
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+        return name_or_path  # a hub id; needs network
+    raise FileNotFoundError(
+        f"no model {name_or_path!r}: give an embedded name ({', '.join(EMBEDDED)}), a local HF directory, or a hub id"
+    )
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device_map: str | None = None):
+    """Load ``(model, tokenizer)`` in eval mode. ``device_map="auto"`` offloads a model larger than memory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
+    except (OSError, ValueError) as error:
+        raise RuntimeError(f"could not load a causal LM from {source}: {error}") from error
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model.eval(), tokenizer

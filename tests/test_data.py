@@ -1,0 +1,62 @@
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from llmopt.data.corpora import CORPORA, calibration_texts, corpus_split, strip_wiki_markup
+from llmopt.data.windows import read_texts, token_windows
+
+
+@pytest.mark.parametrize("name", CORPORA)
+def test_splits_never_overlap_and_are_stable(name):
+    calibration, heldout = corpus_split(name, "calibration"), corpus_split(name, "heldout")
+    assert len(heldout) >= 15 and len(calibration) >= 3 * len(heldout)
+    assert not set(calibration) & set(heldout)
+    assert corpus_split(name, "heldout") == heldout
+
+
+def test_calibration_text_holds_no_heldout_document():
+    heldout = {doc for name in CORPORA for doc in corpus_split(name, "heldout")}
+    assert not heldout & set(calibration_texts())
+
+
+def test_wikipedia_is_plain_prose():
+    articles = corpus_split("wikipedia", "calibration") + corpus_split("wikipedia", "heldout")
+    assert len(articles) >= 90
+    text = "\n".join(articles)
+    for markup in ("{{", "}}", "[[", "]]", "<ref", "&lt;", "'''", "[http"):
+        assert markup not in text, markup
+    assert sum(len(a.split()) for a in articles) > 300_000
+
+
+def test_strip_wiki_markup():
+    markup = ("{{Infobox|a={{b}}}}'''Paris''' is the [[capital city|capital]] of [[France]].<ref>x</ref>"
+              "[[File:P.jpg|thumb|A [[view]]]]\n== History ==\n* Founded [http://x.org early].\n"
+              "{| class=t\n| cell\n|}\n== References ==\nlast")
+    assert strip_wiki_markup(markup) == "Paris is the capital of France.\nHistory\nFounded early."
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from llmopt.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+def test_token_windows(tokenizer):
+    windows = token_windows(["one two three four five six seven"] * 20, tokenizer, 16, max_windows=5)
+    assert windows.shape == (5, 16)
+    assert (windows == tokenizer.eos_token_id).any()  # documents are separated
+    with pytest.raises(ValueError, match="fewer than one window of 512"):
+        token_windows(["too short"], tokenizer, 512)
+
+
+def test_read_texts(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    (tmp_path / "b.txt").write_text("third")
+    assert read_texts(tmp_path) == ["third", "first", "second"]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}))
+    with pytest.raises(ValueError, match=r"c.jsonl:1: each JSON line needs a 'text' field"):
+        read_texts(tmp_path / "c.jsonl")
+    with pytest.raises(FileNotFoundError):
+        read_texts(tmp_path / "missing.txt")

@@ -1,0 +1,144 @@
+"""KV-head compression on tiny models: exactness where exactness is possible, errors, records, reloads."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_model
+from transformers import AutoModelForCausalLM
+
+from llmopt import KVCompressionConfig, OptimizationConfig, load_optimized, patch_model, save_optimized
+from llmopt.arch.adapter import UnsupportedModelError
+from llmopt.config import ConfigError, HealingConfig
+from llmopt.kv.solvers import pooling_fold
+from llmopt.models.default import mha_twin
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("objectives", [("query-weighted", "output-weighted"), ("plain", "plain")])
+def test_mha_twin_compresses_back_exactly(family, objectives, token_windows_tiny):
+    """The MHA twin of a GQA model holds each KV head twice: merging the copies must lose nothing."""
+    gqa = tiny_model(family)
+    twin, _ = mha_twin(gqa, None)
+    ids = token_windows_tiny[:2]
+    assert torch.allclose(logits(twin, ids), logits(gqa, ids), atol=1e-5)
+    config = KVCompressionConfig(ratio=2, key_objective=objectives[0], value_objective=objectives[1],
+                                 calibration_tokens=1024, seq_len=64)
+    patch_model(twin, config, calibration=token_windows_tiny)
+    assert twin.config.num_key_value_heads == 4 and twin.model.layers[0].self_attn.k_proj.out_features == 64
+    torch.testing.assert_close(logits(twin, ids), logits(gqa, ids), atol=2e-4, rtol=0)
+
+
+def test_calibrated_beats_the_baselines(token_windows_tiny):
+    reference = tiny_model()
+    ids = token_windows_tiny[-4:]
+    target = logits(reference, ids).log_softmax(-1)
+    kl = {}
+    for method in ("calibrated", "mean-pool", "svd-w", "keep-one"):
+        model = tiny_model()
+        patch_model(model, KVCompressionConfig(num_kv_heads=1, method=method, calibration_tokens=1024, seq_len=64),
+                    calibration=token_windows_tiny[:-4])
+        out = logits(model, ids).log_softmax(-1)
+        kl[method] = float((target.exp() * (target - out)).sum(-1).mean())
+    assert kl["calibrated"] < min(kl["mean-pool"], kl["svd-w"], kl["keep-one"]), kl
+
+
+def test_mean_pool_fold_averages_the_group_weights():
+    model = tiny_model()
+    k_before = model.model.layers[0].self_attn.k_proj.weight.detach().clone().view(4, 16, 64)
+    v_before = model.model.layers[0].self_attn.v_proj.weight.detach().clone().view(4, 16, 64)
+    patch_model(model, KVCompressionConfig(num_kv_heads=2, method="mean-pool"))
+    k_after = model.model.layers[0].self_attn.k_proj.weight.view(2, 16, 64)
+    v_after = model.model.layers[0].self_attn.v_proj.weight.view(2, 16, 64)
+    torch.testing.assert_close(k_after, k_before.view(2, 2, 16, 64).mean(1))
+    torch.testing.assert_close(v_after, v_before.view(2, 2, 16, 64).mean(1))
+
+
+def test_pooling_fold_keep_one_picks_the_first_head():
+    fold = pooling_fold(groups=1, g=3, head_dim=4, keep_one=True)
+    assert fold.value_encoder.shape == (1, 4, 12)
+    torch.testing.assert_close(fold.value_encoder[0, :, :4], torch.eye(4, dtype=torch.float64))
+    assert fold.value_encoder[0, :, 4:].abs().sum() == 0
+
+
+def test_generate_save_and_reload_as_a_vanilla_checkpoint(tmp_path, token_windows_tiny):
+    model = tiny_model(tie_word_embeddings=True)
+    patch_model(model, OptimizationConfig(kv=KVCompressionConfig(num_kv_heads=2, calibration_tokens=1024,
+                                                                 seq_len=64)), calibration=token_windows_tiny)
+    prompt = token_windows_tiny[:1, :8]
+    generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    out = save_optimized(model, tmp_path / "out")
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["num_key_value_heads"] == 2
+    record = saved["llmopt"]["transforms"][0]
+    assert record["transform"] == "kv" and record["original_num_key_value_heads"] == 4
+    assert len(record["layers"]["key_error"]) == 3
+    plain = AutoModelForCausalLM.from_pretrained(out)  # no llmopt code involved
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(logits(plain, prompt), logits(model, prompt))
+    assert torch.equal(plain.generate(prompt, max_new_tokens=6, do_sample=False), generated)
+    reloaded, _ = load_optimized(out) if (out / "tokenizer_config.json").exists() else (plain, None)
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        save_optimized(model, out)
+
+
+def test_healing_lowers_the_distillation_loss(token_windows_tiny):
+    model = tiny_model()
+    healing = HealingConfig(steps=30, learning_rate=3e-3, seq_len=32, batch_size=4, tokens=512, warmup_steps=2)
+    patch_model(model, KVCompressionConfig(num_kv_heads=1, method="mean-pool", healing=healing),
+                calibration=token_windows_tiny)
+    curve = model.config.llmopt["transforms"][0]["healing"]["kl_curve"]
+    assert len(curve) == 30
+    assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5, curve
+    assert all(p.requires_grad for p in model.parameters())  # nothing left frozen
+
+
+@pytest.mark.parametrize("config, error, message", [
+    (KVCompressionConfig(num_kv_heads=3), ConfigError, "do not divide the model's 4 KV heads; choose one of [1, 2]"),
+    (KVCompressionConfig(num_kv_heads=4), ConfigError, "already has 4 KV heads"),
+    (KVCompressionConfig(num_kv_heads=2, tensor_parallel_size=3), ConfigError, "tensor_parallel_size=3"),
+])
+def test_unservable_head_counts_are_refused(config, error, message):
+    model = tiny_model()
+    before = model.model.layers[0].self_attn.k_proj.weight.clone()
+    with pytest.raises(error) as raised:
+        patch_model(model, config, calibration=torch.zeros(64, 64, dtype=torch.long))
+    assert message in str(raised.value)
+    assert torch.equal(model.model.layers[0].self_attn.k_proj.weight, before)  # nothing touched
+
+
+def test_tensor_parallel_beyond_kv_heads_warns():
+    with pytest.warns(UserWarning, match="replicates each KV head on 2 GPUs"):
+        patch_model(tiny_model(), KVCompressionConfig(num_kv_heads=2, method="mean-pool", tensor_parallel_size=4))
+
+
+def test_short_calibration_text_is_refused(token_windows_tiny):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="gives 512 tokens; this transform needs 1024"):
+        patch_model(model, KVCompressionConfig(num_kv_heads=2, calibration_tokens=1024, seq_len=64),
+                    calibration=token_windows_tiny[:8])
+    with pytest.raises(ValueError, match="pass calibration="):
+        patch_model(model, KVCompressionConfig(num_kv_heads=2))
+
+
+def test_unknown_architecture_and_partial_rotary_are_refused():
+    model = tiny_model()
+    model.config.architectures = ["GPTNeoXForCausalLM"]
+    with pytest.raises(UnsupportedModelError, match="supported: LlamaForCausalLM, MistralForCausalLM"):
+        patch_model(model, KVCompressionConfig(num_kv_heads=2, method="mean-pool"))
+    model = tiny_model()
+    model.config.partial_rotary_factor = 0.5
+    with pytest.raises(UnsupportedModelError, match="partial rotary"):
+        patch_model(model, KVCompressionConfig(num_kv_heads=2, method="mean-pool"))
+
+
+def test_transforms_that_have_not_landed_say_so():
+    from llmopt.config import TokenRoutingConfig
+
+    with pytest.raises(NotImplementedError, match="TokenRoutingConfig has not landed"):
+        patch_model(tiny_model(), OptimizationConfig(routing=TokenRoutingConfig()))
