@@ -35,18 +35,21 @@ def _choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
 class HealingConfig:
     """Distillation against the original model's logits after the fold; trains only attention projections.
 
-    Runs `steps` optimizer steps of `batch_size` windows of `seq_len` tokens drawn from `tokens` tokens of
-    calibration text, stopping early after `minutes` if given.
+    Runs `steps` optimizer steps of `batch_size` windows of `seq_len` tokens, taken in turn from `tokens`
+    tokens of calibration text (fresh windows keep the student from memorising the teacher), stopping early
+    after `minutes` if given. ``precision="bfloat16"`` runs the forward and
+    backward passes under bf16 autocast (about 1.7× faster on a CPU with AVX-512 bf16); weights stay float32.
     """
 
     steps: int = 200
     minutes: float | None = None
-    tokens: int = 131072
+    tokens: int = 262144
     learning_rate: float = 3e-4
     seq_len: int = 256
     batch_size: int = 4
     warmup_steps: int = 10
     parameters: Literal["attention", "keys-values"] = "attention"
+    precision: Literal["bfloat16", "float32"] = "bfloat16"
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, f"healing.steps must be positive, got {self.steps}")
@@ -58,6 +61,7 @@ class HealingConfig:
                f"healing.tokens ({self.tokens}) must hold at least one batch ({self.batch_size} × {self.seq_len})")
         _check(self.warmup_steps >= 0, f"healing.warmup_steps must be non-negative, got {self.warmup_steps}")
         _choice("healing", "parameters", self.parameters, ("attention", "keys-values"))
+        _choice("healing", "precision", self.precision, ("bfloat16", "float32"))
 
 
 @dataclass
@@ -77,7 +81,7 @@ class KVCompressionConfig:
     key_objective: Literal["query-weighted", "plain"] = "query-weighted"
     value_objective: Literal["output-weighted", "plain"] = "output-weighted"
     refit_o_proj: bool = True
-    calibration_tokens: int = 32768
+    calibration_tokens: int = 16384
     seq_len: int = 512
     tensor_parallel_size: int = 1
     healing: HealingConfig | None = None

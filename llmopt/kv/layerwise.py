@@ -59,34 +59,37 @@ def refit_output_projection(attention: nn.Module, o_proj: nn.Linear, calls: list
                             ridge: float = 1e-3) -> float:
     """Least-squares o_proj so the folded attention reproduces the original outputs of the same calls.
 
-    Returns the relative residual of the fit (0 = exact).
+    Solves for the correction Δ to the folded weights W₀ (ridge toward W₀, so an exact fold stays exact):
+    min ‖A (W₀ + Δ) − T‖² + λ‖Δ‖². Returns the relative residual ‖A (W₀ + Δ) − T‖ / ‖T‖.
     """
     width = o_proj.in_features
+    folded = o_proj.weight.detach().float().cpu().T  # W₀ [in, out]
     gram = torch.zeros(width, width, dtype=torch.float64)
     cross = torch.zeros(width, o_proj.out_features, dtype=torch.float64)
-    energy = torch.zeros((), dtype=torch.float64)
+    residual_energy = torch.zeros((), dtype=torch.float64)
+    target_energy = torch.zeros((), dtype=torch.float64)
     inputs: list[torch.Tensor] = []
     handle = o_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
     try:
         for kwargs, target in calls:
             attention(**kwargs)
-            a = inputs.pop().flatten(0, -2).to(torch.float64).cpu()
-            t = target.flatten(0, -2).to(torch.float64).cpu()
+            # Products per batch in float32 (fast GEMM), sums across batches and the solve in float64.
+            a = inputs.pop().flatten(0, -2).float().cpu()
+            t = target.flatten(0, -2).float().cpu()
             if o_proj.bias is not None:
-                t = t - o_proj.bias.to(torch.float64).cpu()
-            gram += a.T @ a
-            cross += a.T @ t
-            energy += (t**2).sum()
+                t = t - o_proj.bias.float().cpu()
+            r = t - a @ folded
+            gram += (a.T @ a).double()
+            cross += (a.T @ r).double()
+            residual_energy += (r.double() ** 2).sum()
+            target_energy += (t.double() ** 2).sum()
     finally:
         handle.remove()
-    # Ridge toward the folded o_proj, not toward zero: where the fold is exact, the refit changes nothing.
-    folded = o_proj.weight.detach().to(torch.float64).cpu().T  # [in, out]
     damp = ridge * torch.diagonal(gram).mean() * torch.eye(width, dtype=torch.float64)
-    solution = folded + torch.linalg.solve(gram + damp, cross - gram @ folded)
-    # ‖A W − T‖² = ‖T‖² − 2⟨W, C⟩ + ⟨W, G W⟩
-    error = energy - 2 * (solution * cross).sum() + (solution * (gram @ solution)).sum()
-    o_proj.weight.copy_(solution.T.to(o_proj.weight))
-    return float((error.clamp_min(0) / energy.clamp_min(1e-300)).sqrt())
+    delta = torch.linalg.solve(gram + damp, cross)
+    error = residual_energy - 2 * (delta * cross).sum() + (delta * (gram @ delta)).sum()
+    o_proj.weight.copy_((folded.double() + delta).T.to(o_proj.weight))
+    return float((error.clamp_min(0) / target_energy.clamp_min(1e-300)).sqrt())
 
 
 @dataclass
@@ -114,12 +117,7 @@ def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: Attention
     for layer in tqdm(adapter.decoder_layers(model), desc="calibrating layers", unit="layer"):
         attention = layer.get_submodule(adapter.attention)
         calls: list[tuple[dict, torch.Tensor]] = []
-        handle = attention.register_forward_hook(
-            lambda _m, args, kwargs, out: calls.append(({**kwargs, **dict(zip(["hidden_states"], args))}, out[0])),
-            with_kwargs=True) if refit else None
-        fit_stats = _run_collecting(layer, attention, adapter, shape, groups, fit)
-        if handle is not None:
-            handle.remove()
+        fit_stats = _run_collecting(layer, attention, adapter, shape, groups, fit, calls if refit else None)
         check_stats = _run_collecting(layer, attention, adapter, shape, groups, check) if check else fit_stats
         fold = solve(attention, fit_stats)
         key_error, value_error = reconstruction_error(fold, check_stats)
@@ -133,11 +131,28 @@ def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: Attention
 
 
 def _run_collecting(layer: nn.Module, attention: nn.Module, adapter: ArchAdapter, shape: AttentionShape,
-                    groups: int, batches: list[Batch]) -> LayerStatistics:
-    collector = StatisticsCollector([attention], adapter, shape, groups)
+                    groups: int, batches: list[Batch],
+                    calls: list[tuple[dict, torch.Tensor]] | None = None) -> LayerStatistics:
+    """Run `layer` up to the end of its attention (the MLP's output would be thrown away) and collect its
+    statistics, and, into `calls`, each attention call's keyword arguments and output (the refit's targets)."""
+    collector = StatisticsCollector(attention, adapter, shape, groups)
+
+    def record(_module, args, kwargs, output):
+        calls.append(({**kwargs, **dict(zip(["hidden_states"], args))}, output[0]))
+
+    def stop(*_):
+        raise _StopForward
+
+    handles = [attention.register_forward_hook(record, with_kwargs=True)] if calls is not None else []
+    handles.append(attention.register_forward_hook(stop))
     try:
         for hidden, kwargs in batches:
-            layer(hidden, **kwargs)
+            try:
+                layer(hidden, **kwargs)
+            except _StopForward:
+                pass
     finally:
+        for handle in handles:
+            handle.remove()
         collector.remove()
-    return collector.layers[0].normalized()
+    return collector.stats.normalized()

@@ -44,19 +44,18 @@ def complex_pairs(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 class StatisticsCollector:
-    """Forward hooks on q/k/v projections that accumulate `LayerStatistics` for every layer."""
+    """Forward hooks on one attention's q/k/v projections that accumulate its `LayerStatistics`."""
 
-    def __init__(self, attentions: list[torch.nn.Module], adapter: ArchAdapter, shape: AttentionShape,
+    def __init__(self, attention: torch.nn.Module, adapter: ArchAdapter, shape: AttentionShape,
                  groups: int) -> None:
         self.shape, self.groups = shape, groups
-        self.layers = [LayerStatistics.zeros(shape, groups) for _ in attentions]
-        self.handles = []
-        for stats, attention in zip(self.layers, attentions):
+        self.stats = LayerStatistics.zeros(shape, groups)
+        self.handles = [
+            getattr(attention, name).register_forward_hook(
+                lambda _m, _i, out, f=accumulate: f(self.stats, out.detach().flatten(0, -2)))
             for name, accumulate in ((adapter.q_proj, self._query), (adapter.k_proj, self._key),
-                                     (adapter.v_proj, self._value)):
-                module = getattr(attention, name)
-                self.handles.append(module.register_forward_hook(
-                    lambda _m, _i, out, s=stats, f=accumulate: f(s, out.detach().flatten(0, -2))))
+                                     (adapter.v_proj, self._value))
+        ]
 
     def _query(self, stats: LayerStatistics, q: torch.Tensor) -> None:
         z = complex_pairs(q, self.shape.head_dim)
@@ -68,8 +67,9 @@ class StatisticsCollector:
         stats.key += torch.einsum("nraj,nrbj->rjab", z, z.conj()).to(stats.key.device)
 
     def _value(self, stats: LayerStatistics, v: torch.Tensor) -> None:
-        v = v.to(torch.float64).unflatten(1, (self.groups, -1))  # [n, m', g·d]
-        stats.value += torch.einsum("nra,nrb->rab", v, v).to(stats.value.device)
+        v = v.float().unflatten(1, (self.groups, -1)).transpose(0, 1)  # [m', n, g·d]
+        # per batch in float32 (fast GEMM), accumulated across batches in float64
+        stats.value += (v.transpose(1, 2) @ v).to(stats.value.device, torch.float64)
 
     def remove(self) -> None:
         for handle in self.handles:

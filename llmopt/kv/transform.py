@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from typing import Callable
@@ -12,7 +13,7 @@ from llmopt.arch import adapter_for, attention_shape
 from llmopt.calibration import CalibrationData, calibration_windows
 from llmopt.config import ConfigError, KVCompressionConfig
 from llmopt.kv.fold import fold_attention
-from llmopt.kv.heal import heal_attention, teacher_targets
+from llmopt.kv.heal import heal_attention
 from llmopt.kv.layerwise import calibrate_layerwise
 from llmopt.kv.solvers import calibrated_fold, pooling_fold, weight_statistics
 from llmopt.record import add_record
@@ -47,13 +48,13 @@ def compress_kv_heads(model: nn.Module, config: KVCompressionConfig, *, tokenize
     target = config.target_kv_heads(shape.num_kv_heads)
     check_head_counts(shape.num_heads, shape.num_kv_heads, target, config.tensor_parallel_size)
     g = shape.num_kv_heads // target
-    windows = teacher = None
+    windows = heal_windows = None
     if config.method == "calibrated":
         windows = calibration_windows(calibration, tokenizer, config.seq_len, config.calibration_tokens,
                                       minimum_tokens=4 * g * shape.head_dim)
     if config.healing is not None:
         heal_windows = calibration_windows(calibration, tokenizer, config.healing.seq_len, config.healing.tokens)
-        teacher = teacher_targets(model, heal_windows, config.healing.batch_size)
+        originals = [copy.deepcopy(a) for a in adapter.attention_modules(model)]  # the teacher's attention
     started = time.perf_counter()
     details: dict = {"original_num_key_value_heads": shape.num_kv_heads, "num_key_value_heads": target}
     if config.method == "calibrated":
@@ -80,7 +81,7 @@ def compress_kv_heads(model: nn.Module, config: KVCompressionConfig, *, tokenize
     details["fold_seconds"] = round(time.perf_counter() - started, 1)
     if after_fold is not None:
         after_fold(model)
-    if teacher is not None:
-        details["healing"] = heal_attention(model, config.healing, teacher, adapter)
+    if heal_windows is not None:
+        details["healing"] = heal_attention(model, config.healing, heal_windows, adapter, originals)
     add_record(model, "kv", config, details)
     return model

@@ -1,0 +1,44 @@
+import pytest
+from tiny_models import tiny_model
+
+from llmopt.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model().save_pretrained(path)
+    return path
+
+
+def test_info_on_a_local_directory(tiny_dir, capsys):
+    assert main(["info", str(tiny_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "KV heads                   4" in out
+    assert "KV bytes/token (bfloat16)  384" in out  # 2 (K,V) · 3 layers · 4 heads · 16 dims · 2 bytes
+
+
+def test_calibrate_refuses_an_existing_output_before_any_work(tiny_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("kv:\n  num_kv_heads: 2\n  method: mean-pool\n")
+    existing = tmp_path / "out"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("user data")
+    assert main(["calibrate", "--model", str(tiny_dir), "--config", str(recipe), "--out", str(existing)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert (existing / "keep.txt").read_text() == "user data"
+
+
+def test_bad_recipe_and_unknown_model_are_clear_errors(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("kv:\n  num_kv_heads: 2\n  methd: mean-pool\n")
+    assert main(["calibrate", "--config", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown key(s) methd" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nowhere")]) == 2
+    assert "no model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_commands_that_have_not_landed_say_so(capsys):
+    assert main(["bench"]) != 0
+    assert "has not landed" in capsys.readouterr().err
