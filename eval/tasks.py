@@ -11,7 +11,6 @@ import json
 import random
 import tarfile
 import zipfile
-from pathlib import Path
 
 from llmopt.data.corpora import GENSIM
 from llmopt.data.packages import package_file

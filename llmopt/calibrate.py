@@ -15,7 +15,7 @@ import torch
 
 from llmopt.arch import attention_shape
 from llmopt.checkpoint import save_optimized
-from llmopt.config import KVCompressionConfig, OptimizationConfig
+from llmopt.config import OptimizationConfig
 from llmopt.data.corpora import CORPORA, calibration_texts, corpus_split
 from llmopt.data.windows import read_texts, token_windows
 from llmopt.kv.transform import compress_kv_heads
@@ -47,7 +47,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
             baseline = dataclasses.replace(config.kv, method=method, healing=None)
             results[method] = _perplexities(compress_kv_heads(copy.deepcopy(model), baseline), heldout)
     started = time.perf_counter()
-    rest = dataclasses.replace(config, kv=None) if config.kv is not None else config
     if config.kv is not None:
         label = "ours" if config.kv.method == "calibrated" else config.kv.method
 
@@ -57,7 +56,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         compress_kv_heads(model, config.kv, tokenizer=tokenizer, calibration=texts, after_fold=measure)
         if config.kv.healing is not None:
             results[f"{label} (healed)"] = _perplexities(model, heldout)
-    if rest.transforms():
+    if config.routing is not None or config.sparse is not None:
+        rest = OptimizationConfig(routing=config.routing, sparse=config.sparse)
         patch_model(model, rest, tokenizer=tokenizer, calibration=texts)
     seconds = time.perf_counter() - started
     kv_bytes["optimized"] = attention_shape(model.config).kv_bytes_per_token(2)
@@ -79,7 +79,8 @@ def format_report(summary: dict) -> str:
     kv = summary["kv_bytes_per_token_bf16"]
     lines = [f"## llmopt calibrate: {summary['model']}", "",
              f"KV cache bytes/token (bf16): {kv['original']:,} → {kv['optimized']:,} "
-             f"({kv['original'] / kv['optimized']:.1f}× smaller); transform time {summary['seconds']:.1f} s", ""]
+             f"({kv['original'] / kv['optimized']:.1f}× smaller); transform time {summary['seconds']:.0f} s "
+             f"({_stage_times(summary['record'])})", ""]
     results = summary["perplexity"]
     corpora = list(results["original"])
     lines += ["| model | " + " | ".join(f"{c} ppl | × original" for c in corpora) + " |",
@@ -102,6 +103,15 @@ def format_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _stage_times(record: dict) -> str:
+    stages = []
+    for transform in record["transforms"]:
+        stages.append(f"{transform['transform']} fold {transform['fold_seconds']:.0f} s")
+        if transform.get("healing"):
+            stages.append(f"healing {transform['healing']['seconds']:.0f} s")
+    return ", ".join(stages)
+
+
 def _healing_curve(record: dict) -> bytes | None:
     healing = next((t["healing"] for t in record["transforms"] if t.get("healing")), None)
     if healing is None:
@@ -114,8 +124,13 @@ def _healing_curve(record: dict) -> bytes | None:
     except ImportError:
         return None
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot(range(1, len(healing["kl_curve"]) + 1), healing["kl_curve"], lw=1)
-    axis.set(xlabel="step", ylabel="KL(original ‖ compressed), top-64", yscale="log", title="KV healing")
+    curve = healing["kl_curve"]
+    steps = range(1, len(curve) + 1)
+    axis.plot(steps, curve, lw=0.8, alpha=0.5, label="per step")
+    smooth = [sum(curve[max(0, i - 9):i + 1]) / len(curve[max(0, i - 9):i + 1]) for i in range(len(curve))]
+    axis.plot(steps, smooth, lw=1.5, label="mean of 10")
+    axis.set(xlabel="step", ylabel="KL(original ‖ compressed) per token", yscale="log", title="KV healing")
+    axis.legend()
     axis.grid(alpha=0.3)
     buffer = io.BytesIO()
     figure.tight_layout()

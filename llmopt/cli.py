@@ -5,13 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llmopt.eval.suite import add_eval_arguments
+
 
 
 def _info(args: argparse.Namespace) -> int:
-    from llmopt.models import load_model
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmopt.models import resolve_model
     from llmopt.summary import model_summary
 
-    model, _ = load_model(args.model)
+    config = AutoConfig.from_pretrained(resolve_model(args.model))
+    with torch.device("meta"):  # the shape only: no weights are read, so any size is instant
+        model = AutoModelForCausalLM.from_config(config)
     print(model_summary(model))
     return 0
 
@@ -74,13 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(run=_calibrate)
 
     evaluate = commands.add_parser("eval", help="accuracy retention against a reference model and baselines")
-    try:
-        from llmopt.eval.suite import add_eval_arguments
-
-        add_eval_arguments(evaluate)
-        evaluate.set_defaults(run=_eval)
-    except ImportError as error:  # the eval extra is not installed
-        evaluate.set_defaults(run=lambda _a: print(f"llmopt eval needs the eval extra: {error}", file=sys.stderr) or 2)
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=_eval)
 
     serve = commands.add_parser("serve", help="serve a (vanilla) checkpoint with vLLM")
     serve.add_argument("model")

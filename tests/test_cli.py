@@ -15,7 +15,7 @@ def test_info_on_a_local_directory(tiny_dir, capsys):
     assert main(["info", str(tiny_dir)]) == 0
     out = capsys.readouterr().out
     assert "KV heads                   4" in out
-    assert "KV bytes/token (bfloat16)  384" in out  # 2 (K,V) · 3 layers · 4 heads · 16 dims · 2 bytes
+    assert "KV bytes/token (bfloat16)  768" in out  # 2 (K,V) · 3 layers · 4 heads · 16 dims · 2 bytes
 
 
 def test_calibrate_refuses_an_existing_output_before_any_work(tiny_dir, tmp_path, capsys):

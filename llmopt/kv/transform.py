@@ -44,6 +44,9 @@ def compress_kv_heads(model: nn.Module, config: KVCompressionConfig, *, tokenize
     `after_fold(model)`, if given, sees the training-free result before healing starts (to measure it).
     """
     adapter = adapter_for(model)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise NotImplementedError("the model has weights offloaded to disk (meta tensors): the fold rewrites "
+                                  "weights in place; load it onto devices that hold it (e.g. device_map=None)")
     shape = attention_shape(model.config)
     target = config.target_kv_heads(shape.num_kv_heads)
     check_head_counts(shape.num_heads, shape.num_kv_heads, target, config.tensor_parallel_size)
