@@ -30,7 +30,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None,
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     output = lm_eval.simple_evaluate(model=lm, tasks=specs, limit=limit, log_samples=False,
-                                     bootstrap_iters=0, verbosity="WARNING")
+                                     bootstrap_iters=100, verbosity="WARNING")
     results = {}
     for spec in tasks:
         raw = output["results"][task_name(spec) if is_builtin(spec) else spec]
