@@ -1,113 +1,207 @@
 """The eval suite: score every model on the same tasks in one run and write the retention report.
 
-Task names: ``wikipedia-ppl`` and ``news-ppl`` (held-out text, never calibration text), ``passkey``,
-``analogies``, ``bigbench:<task>[/<subtask>]``, or any lm-eval task name where its data is available.
+Task names: ``wikipedia-ppl`` and ``news-ppl`` (held-out text, never calibration text), ``passkey`` (scored as
+``passkey@<length>``), ``analogies``, ``bigbench:<task>[/<subtask>]``, ``default`` (the default suite), or any
+lm-eval task or group name where its data is available.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
+import math
 import sys
 import time
 from pathlib import Path
 
-from llmopt.arch import attention_shape
-from llmopt.eval.report import Report, Score
+from llmopt.eval.report import DEFAULT_THRESHOLD, Report, Score
 from llmopt.eval.tasks import DEFAULT_TASKS
 
 PERPLEXITY_TASKS = {"wikipedia-ppl": "wikipedia", "news-ppl": "news"}
-DEFAULT_SUITE = (*PERPLEXITY_TASKS, *DEFAULT_TASKS)
+DEFAULT_SUITE = (*PERPLEXITY_TASKS, "passkey", *DEFAULT_TASKS)
 PPL_WINDOWS, PPL_SEQ_LEN = 16, 512
+COST_WINDOWS, COST_SEQ_LEN = 2, 2048  # long enough for sparse attention to engage
 
 
-def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None) -> dict[str, Score]:
-    """One model's scores on `tasks`; `limit` caps items per lm-eval task and windows per perplexity."""
-    from llmopt.data.corpora import corpus_split
-    from llmopt.data.windows import token_windows
+def expand_tasks(tasks: list[str]) -> list[str]:
+    """``default`` → the default suite; duplicates dropped, order kept."""
+    expanded = [name for task in tasks for name in (DEFAULT_SUITE if task == "default" else (task,))]
+    return list(dict.fromkeys(expanded))
+
+
+def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
+                   batch_size: int = 16) -> dict[str, Score]:
+    """One model's scores on `tasks`, in their order (``passkey`` gives one score per length).
+
+    `limit` caps items per lm-eval task, windows per perplexity corpus and passkey prompts per length.
+    """
     from llmopt.eval.harness import run_lm_eval
-    from llmopt.eval.passkey import passkey_accuracy
-    from llmopt.eval.perplexity import perplexity
 
     scores: dict[str, Score] = {}
+    harness = [task for task in tasks if task not in PERPLEXITY_TASKS and task != "passkey"]
+    harness_scores = run_lm_eval(model, tokenizer, harness, limit, batch_size) if harness else {}
     for task in tasks:
         if task in PERPLEXITY_TASKS:
-            windows = token_windows(corpus_split(PERPLEXITY_TASKS[task], "heldout"), tokenizer, PPL_SEQ_LEN,
-                                    min(limit or PPL_WINDOWS, PPL_WINDOWS))
-            scores[task] = Score(perplexity(model, windows), higher_is_better=False)
+            scores[task] = perplexity_score(model, tokenizer, PERPLEXITY_TASKS[task], limit)
         elif task == "passkey":
-            for length, accuracy in passkey_accuracy(model, tokenizer).items():
-                scores[f"passkey@{length}"] = Score(accuracy)
-    harness_tasks = [t for t in tasks if t not in PERPLEXITY_TASKS and t != "passkey"]
-    if harness_tasks:
-        for task, metrics in run_lm_eval(model, tokenizer, harness_tasks, limit).items():
-            scores[task] = Score(metrics["acc"], metrics.get("acc_stderr"))
+            scores.update(passkey_scores(model, tokenizer, limit))
+        else:
+            scores[task] = harness_scores[task]
     return scores
 
 
+def perplexity_score(model, tokenizer, corpus: str, limit: int | None = None) -> Score:
+    """Perplexity on up to `PPL_WINDOWS` held-out windows of `PPL_SEQ_LEN` tokens, with its stderr."""
+    from llmopt.eval.perplexity import perplexity_stderr, window_nll
+
+    from llmopt.data.corpora import corpus_split
+    from llmopt.data.windows import token_windows
+
+    windows = token_windows(corpus_split(corpus, "heldout"), tokenizer, PPL_SEQ_LEN, min(limit or PPL_WINDOWS,
+                                                                                         PPL_WINDOWS))
+    nll = window_nll(model, windows)
+    return Score(math.exp(nll.mean().item()), perplexity_stderr(nll), "ppl", higher_is_better=False,
+                 n=windows.numel() - len(windows))
+
+
+def passkey_scores(model, tokenizer, limit: int | None = None) -> dict[str, Score]:
+    """``passkey@<length>``: fraction of prompts where the key outranks 4 random keys, with its binomial stderr."""
+    from llmopt.eval.passkey import DEPTHS, passkey_results
+
+    depths = DEPTHS[:limit] if limit is not None else DEPTHS
+    scores = {}
+    for length, hits in passkey_results(model, tokenizer, depths=depths).items():
+        p = sum(hits) / len(hits)
+        scores[f"passkey@{length}"] = Score(p, (p * (1 - p) / len(hits)) ** 0.5, "passkey_acc", chance=0.2,
+                                            n=len(hits))
+    return scores
+
+
+def model_facts(model, tokenizer, reference_kv_bytes: int) -> dict:
+    """What a variant costs to serve (`llmopt.costs.model_costs`, measured on held-out text where it depends on
+    the input) and its KV compression against the reference."""
+    from llmopt.costs import model_costs
+    from llmopt.data.corpora import corpus_split
+    from llmopt.data.windows import token_windows
+
+    windows = token_windows(corpus_split("wikipedia", "heldout"), tokenizer, COST_SEQ_LEN, COST_WINDOWS)
+    facts = model_costs(model, windows)
+    facts["kv_compression"] = reference_kv_bytes / facts["kv_bytes_per_token"]
+    return facts
+
+
+def run_facts(limit: int | None) -> dict:
+    """How the scores were made, so two reports can be told apart."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    facts: dict = {"limit": limit, "date": time.strftime("%Y-%m-%d %H:%M")}
+    for package in ("llmopt", "lm_eval", "torch", "transformers"):
+        try:
+            facts[package] = version(package)
+        except PackageNotFoundError:
+            facts[package] = None
+    return facts
+
+
 def run_suite(models: dict[str, tuple], reference: str, tasks: list[str], limit: int | None,
-              out_dir: str | Path, threshold: float = 0.95) -> Report:
-    """Evaluate every ``name → (model, tokenizer)`` (the reference among them) and write the report."""
+              out_dir: str | Path, thresholds: dict[str, float] | None = None,
+              roles: dict[str, str] | None = None, batch_size: int = 16) -> Report:
+    """Evaluate every ``name → (model, tokenizer)`` (the reference among them) and write the report.
+
+    Returns the Report; `out_dir` receives report.md, report.json and the PNG plots.
+    """
     if reference not in models:
-        raise ValueError(f"the reference {reference!r} must be one of the models")
-    scores, kv = {}, {}
-    for name, (model, tokenizer) in models.items():
+        raise ValueError(f"the reference {reference!r} must be one of the models: {', '.join(models)}")
+    tasks = expand_tasks(tasks)
+    from llmopt.costs import model_costs
+
+    reference_kv = model_costs(models[reference][0])["kv_bytes_per_token"]
+    scores, facts = {}, {}
+    for index, (name, (model, tokenizer)) in enumerate(models.items(), 1):
         started = time.perf_counter()
-        print(f"[llmopt eval] {name}: {', '.join(tasks)}", file=sys.stderr)
-        scores[name] = evaluate_model(model, tokenizer, tasks, limit)
-        kv[name] = attention_shape(model.config).kv_bytes_per_token(2)
-        print(f"[llmopt eval] {name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    report = Report(reference, scores, kv, threshold)
+        _log(f"{name} ({index}/{len(models)}): {', '.join(tasks)}")
+        scores[name] = evaluate_model(model, tokenizer, tasks, limit, batch_size)
+        role = (roles or {}).get(name, "reference" if name == reference else "variant")
+        facts[name] = {"role": role, **model_facts(model, tokenizer, reference_kv),
+                       "seconds": round(time.perf_counter() - started, 1)}
+        _log(f"{name} done in {facts[name]['seconds']:.0f} s")
+    report = Report(reference, scores, facts, thresholds or {"default": DEFAULT_THRESHOLD}, run_facts(limit))
     report.write(out_dir)
     return report
 
 
-def _baseline(spec: str, reference_model, tokenizer) -> tuple[str, tuple]:
-    """A baseline is a model name/path, or a YAML recipe applied to a copy of the reference."""
-    from llmopt.config import OptimizationConfig
-    from llmopt.data.corpora import calibration_texts
-    from llmopt.models import load_model
-    from llmopt.patch import patch_model
-
-    if spec.endswith((".yaml", ".yml")):
-        model = patch_model(copy.deepcopy(reference_model), OptimizationConfig.from_yaml(spec),
-                            tokenizer=tokenizer, calibration=calibration_texts())
-        return Path(spec).stem, (model, tokenizer)
-    return _label(spec), load_model(spec)
+def _log(message: str) -> None:
+    print(f"[llmopt eval] {message}", file=sys.stderr, flush=True)
 
 
-def _label(spec: str) -> str:
-    return Path(spec).name if Path(spec).exists() else spec
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", required=True,
-                        help="model(s) to evaluate: name, HF directory or hub id; repeatable")
-    parser.add_argument("--reference", default="smollm2-135m", help="the original model (default: smollm2-135m)")
-    parser.add_argument("--baselines", nargs="*", default=[],
-                        help="baseline models, or YAML recipes applied to the reference (e.g. configs/kv-mean-pool.yaml)")
-    parser.add_argument("--tasks", nargs="*", default=list(DEFAULT_SUITE),
-                        help=f"tasks (default: {' '.join(DEFAULT_SUITE)}); also passkey, bigbench:<task>, "
+def add_eval_arguments(parser) -> None:
+    """The options of ``llmopt eval`` (argparse)."""
+    parser.add_argument("--model", nargs="+", action="extend", default=[], metavar="MODEL",
+                        help="optimized model(s): embedded name, HF directory, hub id, or a YAML recipe applied to "
+                             "the reference")
+    parser.add_argument("--reference", default="smollm2-135m",
+                        help="the original model every retention is measured against (default: smollm2-135m)")
+    parser.add_argument("--baselines", nargs="+", action="extend", default=[], metavar="MODEL",
+                        help="baselines, shown beside the models: names/paths, or YAML recipes applied to the "
+                             "reference (e.g. configs/kv-mean-pool.yaml)")
+    parser.add_argument("--tasks", nargs="+", default=["default"], metavar="TASK",
+                        help=f"default = {' '.join(DEFAULT_SUITE)}; also bigbench:<task>[/<subtask>] "
                              "or any lm-eval task name")
-    parser.add_argument("--limit", type=int, default=None, help="items per task (a quick run)")
-    parser.add_argument("--threshold", type=float, default=0.95, help="retention needed to pass (default 0.95)")
-    parser.add_argument("--out", default=None, help="report folder (default: out/eval-<time>)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="quick run: at most N items per task (perplexity windows, passkey depths)")
+    parser.add_argument("--threshold", nargs="+", default=[], metavar="[METRIC=]VALUE",
+                        help=f"retention needed to pass, default {DEFAULT_THRESHOLD}; per metric as e.g. ppl=0.9 "
+                             "acc=0.97 passkey_acc=0.9")
+    parser.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size (default 16)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--out", default=None, help="report folder (default: out/eval-<date>-<time>)")
 
 
-def run_eval_command(args: argparse.Namespace) -> int:
-    from llmopt.eval.harness import task_specs
+def parse_thresholds(values: list[str]) -> dict[str, float]:
+    """``["0.9", "ppl=0.8"]`` → ``{"default": 0.9, "ppl": 0.8}``."""
+    thresholds = {"default": DEFAULT_THRESHOLD}
+    for value in values:
+        metric, _, number = value.rpartition("=")
+        try:
+            thresholds[metric or "default"] = float(number)
+        except ValueError:
+            raise ValueError(f"--threshold takes VALUE or METRIC=VALUE (e.g. 0.95, ppl=0.9), got {value!r}") from None
+    return thresholds
+
+
+def run_eval_command(args) -> int:
+    """``llmopt eval``: load the models, run the suite, print the markdown table, write the report."""
+    import torch
+    from llmopt.eval.harness import check_task_names
+    from llmopt.eval.tasks import build_tasks, is_builtin
+    from llmopt.eval.variants import is_recipe, load_variant, read_recipe, unique_labels
+
     from llmopt.models import load_model
 
-    task_specs([t for t in args.tasks if t not in PERPLEXITY_TASKS and t != "passkey"])  # fail before loading
+    thresholds = parse_thresholds(args.threshold)
+    tasks = expand_tasks(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    # everything that can be refused is refused before a model loads
+    check_task_names([t for t in tasks if t not in PERPLEXITY_TASKS and t != "passkey"])
+    for spec in [*args.model, *args.baselines]:
+        if is_recipe(spec):
+            read_recipe(spec)
+    build_tasks([t for t in tasks if is_builtin(t)])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out or f"out/eval-{time.strftime('%Y%m%d-%H%M%S')}")
-    reference_model, tokenizer = load_model(args.reference)
-    models = {_label(args.reference): (reference_model, tokenizer)}
-    for spec in args.model:
-        models[_label(spec)] = load_model(spec)
-    for spec in args.baselines:
-        name, pair = _baseline(spec, reference_model, tokenizer)
-        models[name] = pair
-    report = run_suite(models, _label(args.reference), args.tasks, args.limit, out, args.threshold)
+
+    reference_name = unique_labels([args.reference], set())[0]
+    reference = load_model(args.reference)
+    models = {reference_name: reference}
+    roles = {reference_name: "reference"}
+    specs = [(spec, "model") for spec in args.model if spec != args.reference] + \
+            [(spec, "baseline") for spec in args.baselines]
+    for (spec, role), name in zip(specs, unique_labels([s for s, _ in specs], {reference_name})):
+        _log(f"loading {role} {name} from {spec}")
+        models[name] = load_variant(spec, reference)
+        roles[name] = role
+    for model, _ in models.values():
+        model.to(device)
+    report = run_suite(models, reference_name, tasks, args.limit, out, thresholds, roles, args.batch_size)
     print(report.to_markdown())
-    print(f"report: {out}/report.md, report.json, *.png", file=sys.stderr)
+    _log(f"report: {out}/report.md, report.json and PNG plots")
     return 0

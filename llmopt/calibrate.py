@@ -1,139 +1,106 @@
-"""`llmopt calibrate`: apply a recipe to a model, measure it against the original, save it atomically."""
+"""`llmopt calibrate`: a thin shell over `patch_model` that measures the result against the original and the
+recipe's baselines (held-out perplexity, retention, costs: the same report as `llmopt eval`) and saves atomically."""
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
-import io
-import json
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-import torch
-
-from llmopt.arch import attention_shape
 from llmopt.checkpoint import save_optimized
-from llmopt.config import OptimizationConfig
-from llmopt.data.corpora import CORPORA, calibration_texts, corpus_split
-from llmopt.data.windows import read_texts, token_windows
-from llmopt.kv.transform import compress_kv_heads
-from llmopt.models import load_model
-from llmopt.patch import patch_model
+from llmopt.config import ConfigError, OptimizationConfig
+from llmopt.costs import model_costs
+from llmopt.patch import diagnostics, patch_model
+from llmopt.transforms import transform_for
 
-EVAL_SEQ_LEN = 512
+ORIGINAL, OURS = "original", "ours"
 
 
-def _perplexities(model, heldout: dict[str, torch.Tensor]) -> dict[str, float]:
-    from llmopt.eval.perplexity import perplexity
-
-    return {name: perplexity(model, windows) for name, windows in heldout.items()}
+def recipe_baselines(config: OptimizationConfig, names: list[str]) -> dict[str, OptimizationConfig]:
+    """name → the recipe with one transform replaced by that baseline; unknown names are refused, naming the ones
+    the recipe's transforms offer."""
+    offered = {name: config.replace(transform, baseline)
+               for transform, settings in config.transforms.items()
+               for name, baseline in transform_for(settings).baselines(settings).items()}
+    unknown = [name for name in names if name not in offered]
+    if unknown:
+        raise ConfigError(f"unknown --baseline {', '.join(unknown)}: the recipe's transforms "
+                          f"({', '.join(config.transforms)}) offer {', '.join(sorted(offered)) or 'none'}")
+    return {name: offered[name] for name in names}
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from llmopt.data.corpora import calibration_texts
+    from llmopt.data.windows import read_texts
+    from llmopt.eval.report import Report
+    from llmopt.eval.suite import PERPLEXITY_TASKS, evaluate_model, model_facts, run_facts
+    from llmopt.models import load_model
+
     config = OptimizationConfig.from_yaml(args.config)
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new --out (llmopt never overwrites a model)")
-    model, tokenizer = load_model(args.model)
+    if args.eval_windows < 1:
+        raise ValueError(f"--eval-windows must be at least 1, got {args.eval_windows}")
+    baselines = recipe_baselines(config, args.baselines)
     texts = read_texts(args.calibration) if args.calibration else calibration_texts()
-    heldout = {name: token_windows(corpus_split(name, "heldout"), tokenizer, EVAL_SEQ_LEN, args.eval_windows)
-               for name in CORPORA}
-    kv_bytes = {"original": attention_shape(model.config).kv_bytes_per_token(2)}
-    results = {"original": _perplexities(model, heldout)}
-    if config.kv is not None:
-        for method in args.baseline:
-            baseline = dataclasses.replace(config.kv, method=method, healing=None)
-            results[method] = _perplexities(compress_kv_heads(copy.deepcopy(model), baseline), heldout)
-    started = time.perf_counter()
-    if config.kv is not None:
-        label = "ours" if config.kv.method == "calibrated" else config.kv.method
+    model, tokenizer = load_model(args.model)
+    tasks = list(PERPLEXITY_TASKS)
+    reference_kv = model_costs(model)["kv_bytes_per_token"]
+    scores, facts = {}, {}
 
-        def measure(folded) -> None:
-            results[f"{label} (training-free)" if config.kv.healing else label] = _perplexities(folded, heldout)
+    def measure(label: str, measured) -> None:
+        print(f"[llmopt calibrate] measuring {label}", file=sys.stderr, flush=True)
+        scores[label] = evaluate_model(measured, tokenizer, tasks, limit=args.eval_windows)
+        facts[label] = {"role": "reference" if label == ORIGINAL else "variant",
+                        **model_facts(measured, tokenizer, reference_kv)}
 
-        compress_kv_heads(model, config.kv, tokenizer=tokenizer, calibration=texts, after_fold=measure)
-        if config.kv.healing is not None:
-            results[f"{label} (healed)"] = _perplexities(model, heldout)
-    if config.routing is not None or config.sparse is not None:
-        rest = OptimizationConfig(routing=config.routing, sparse=config.sparse)
-        patch_model(model, rest, tokenizer=tokenizer, calibration=texts)
-    seconds = time.perf_counter() - started
-    kv_bytes["optimized"] = attention_shape(model.config).kv_bytes_per_token(2)
-    summary = {"model": args.model, "config": config.to_dict(), "seconds": round(seconds, 1),
-               "kv_bytes_per_token_bf16": kv_bytes, "perplexity": results,
-               "record": model.config.llmopt}
-    report = format_report(summary)
-    print(report)
-    extras = {"llmopt_report.json": json.dumps(summary, indent=2).encode(), "llmopt_report.md": report.encode()}
-    curve = _healing_curve(model.config.llmopt)
-    if curve is not None:
-        extras["healing_curve.png"] = curve
-    save_optimized(model, out, tokenizer, extras=extras)
+    measure(ORIGINAL, model)
+    for name, baseline in baselines.items():
+        measure(name, patch_model(copy.deepcopy(model), baseline, tokenizer=tokenizer, calibration=texts))
+        facts[name]["role"] = "baseline"
+    patch_model(model, config, tokenizer=tokenizer, calibration=texts,
+                observer=lambda stage, intermediate: measure(f"{OURS} ({stage})", intermediate))
+    measure(OURS, model)
+    report = Report(ORIGINAL, scores, facts, run={**run_facts(args.eval_windows), "model": args.model,
+                                                  "recipe": str(args.config)})
+    details, files = describe_diagnostics(diagnostics(model))
+    markdown = report.to_markdown() + details
+    print(markdown)
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = report.write(tmp)
+        files.update({path.name: path.read_bytes() for path in plots if path.suffix == ".png"})
+    files["llmopt_report.md"] = markdown.encode()
+    save_optimized(model, out, tokenizer, files=files,
+                   report={"recipe": config.to_dict(), "retention": report.to_dict(),
+                           "diagnostics": diagnostics(model)})
     print(f"saved to {out}", file=sys.stderr)
     return 0
 
 
-def format_report(summary: dict) -> str:
-    kv = summary["kv_bytes_per_token_bf16"]
-    lines = [f"## llmopt calibrate: {summary['model']}", "",
-             f"KV cache bytes/token (bf16): {kv['original']:,} → {kv['optimized']:,} "
-             f"({kv['original'] / kv['optimized']:.1f}× smaller); transform time {summary['seconds']:.0f} s "
-             f"({_stage_times(summary['record'])})", ""]
-    results = summary["perplexity"]
-    corpora = list(results["original"])
-    lines += ["| model | " + " | ".join(f"{c} ppl | × original" for c in corpora) + " |",
-              "|---|" + "---:|---:|" * len(corpora)]
-    for name, values in results.items():
-        cells = " | ".join(f"{values[c]:.2f} | {values[c] / results['original'][c]:.2f}" for c in corpora)
-        lines.append(f"| {name} | {cells} |")
-    for transform in summary["record"]["transforms"]:
-        layers = transform.get("layers")
-        if layers:
-            lines += ["", "Per-layer relative RMS error on windows held out from the fit (key, value, o_proj refit):",
-                      "", "| layer | key | value | refit |", "|---:|---:|---:|---:|"]
-            for index, row in enumerate(zip(layers["key_error"], layers["value_error"], layers["refit_residual"])):
-                lines.append(f"| {index} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in row) + " |")
-        healing = transform.get("healing")
-        if healing:
-            curve = healing["kl_curve"]
-            lines += ["", f"Healing: {healing['steps']} steps in {healing['seconds']:.0f} s, "
-                          f"KL {curve[0]:.4f} → {sum(curve[-10:]) / len(curve[-10:]):.4f} (mean of the last 10)"]
-    return "\n".join(lines)
+def describe_diagnostics(transforms: dict[str, dict]) -> tuple[str, dict[str, bytes]]:
+    """Markdown for what the transforms reported (scalars, per-layer tables, training runs) and PNG curves."""
+    from llmopt.eval.plots import training_curve_png
 
+    lines, files = [], {}
+    for transform, report in transforms.items():
+        scalars = {key: value for key, value in report.items() if not isinstance(value, (dict, list))}
+        if scalars:
+            lines += ["", f"{transform}: " + ", ".join(f"{key} {value}" for key, value in scalars.items())]
+        for key, value in report.items():
+            if isinstance(value, dict) and "curve" in value:
+                curve = value["curve"]
+                tail = curve[-10:]
+                lines += ["", f"{transform} {key}: {value['steps']} steps, {value['tokens']:,} tokens in "
+                              f"{value['seconds']:.0f} s; loss {curve[0]:.4f} → {sum(tail) / len(tail):.4f} "
+                              "(mean of the last 10)"]
+                files[f"{transform}_{key}_curve.png"] = training_curve_png(curve, f"{transform} {key}")
+            elif isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+                lines += ["", f"{transform} {key} (per layer):", "",
+                          "| layer | " + " | ".join(value) + " |", "|---:|" + "---:|" * len(value)]
+                for index, row in enumerate(zip(*value.values())):
+                    lines.append(f"| {index} | " + " | ".join("–" if v is None else f"{v:.4g}" for v in row) + " |")
+    return "\n".join(lines) + "\n", files
 
-def _stage_times(record: dict) -> str:
-    stages = []
-    for transform in record["transforms"]:
-        stages.append(f"{transform['transform']} fold {transform['fold_seconds']:.0f} s")
-        if transform.get("healing"):
-            stages.append(f"healing {transform['healing']['seconds']:.0f} s")
-    return ", ".join(stages)
-
-
-def _healing_curve(record: dict) -> bytes | None:
-    healing = next((t["healing"] for t in record["transforms"] if t.get("healing")), None)
-    if healing is None:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    curve = healing["kl_curve"]
-    steps = range(1, len(curve) + 1)
-    axis.plot(steps, curve, lw=0.8, alpha=0.5, label="per step")
-    smooth = [sum(curve[max(0, i - 9):i + 1]) / len(curve[max(0, i - 9):i + 1]) for i in range(len(curve))]
-    axis.plot(steps, smooth, lw=1.5, label="mean of 10")
-    axis.set(xlabel="step", ylabel="KL(original ‖ compressed) per token", yscale="log", title="KV healing")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    return buffer.getvalue()

@@ -1,7 +1,13 @@
-"""Save and load optimized models; outputs appear only when complete, and nothing is ever overwritten."""
+"""Save and load optimized models; outputs appear only when complete, and nothing is ever overwritten.
+
+A saved model is a Hugging Face directory: config.json (with the record of what was done), safetensors weights
+(extra weights such as routers under their module names), the tokenizer if given, and ``llmopt_report.json``
+with the diagnostics. `load_optimized` rebuilds the model from the record and loads every weight strictly.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -9,15 +15,23 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from llmopt.patch import diagnostics
 from llmopt.record import read_record
+from llmopt.transforms import transform_for
+
+REPORT_FILE = "llmopt_report.json"
 
 
-def save_optimized(model: nn.Module, out_dir: str | Path, tokenizer=None,
-                   extras: dict[str, bytes] | None = None) -> Path:
+class CheckpointError(ValueError):
+    """A directory that is not a complete, readable llmopt/HF checkpoint; the message says what is wrong."""
+
+
+def save_optimized(model: nn.Module, out_dir: str | Path, tokenizer=None, *, report: dict | None = None,
+                   files: dict[str, bytes] | None = None) -> Path:
     """Write `model` (and `tokenizer`) as a Hugging Face checkpoint at `out_dir`, which must not exist yet.
 
-    `extras` are further files (name → content), e.g. a report, written into the same directory.
-    KV-compressed models are vanilla checkpoints: transformers and vLLM load them with no llmopt code.
+    ``llmopt_report.json`` holds `report` (default: the transforms' diagnostics); `files` are further files
+    (name → content), e.g. plots. Written to a temporary directory first and renamed into place when complete.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -28,7 +42,9 @@ def save_optimized(model: nn.Module, out_dir: str | Path, tokenizer=None,
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, content in (extras or {}).items():
+        report = report if report is not None else {"diagnostics": diagnostics(model)}
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        for name, content in (files or {}).items():
             (tmp / name).write_bytes(content)
         tmp.rename(out_dir)
     finally:
@@ -37,16 +53,60 @@ def save_optimized(model: nn.Module, out_dir: str | Path, tokenizer=None,
 
 
 def load_optimized(path: str | Path, *, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` saved by `save_optimized`; a corrupt or partial checkpoint raises clearly."""
-    from llmopt.models import load_model
+    """Load ``(model, tokenizer)`` saved by `save_optimized` (tokenizer None if none was saved).
+
+    The record is read and validated before any weight: an unknown format version or transform is refused.
+    The model is built from its config, each recorded transform rebuilds its structure, and the weights load
+    strictly: a missing or unexpected tensor is an error.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a saved model (no config.json)")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise FileNotFoundError(f"{path} holds no weights (*.safetensors): the checkpoint is incomplete")
-    model, tokenizer = load_model(str(path), dtype=dtype)
-    record = read_record(model)
-    if record is not None and record.get("version") != 1:
-        raise ValueError(f"{path} was written by a newer llmopt (record version {record.get('version')})")
-    return model, tokenizer
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file} is corrupt (not JSON: {error}); re-save the model") from None
+    record = read_record(raw)
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{path} holds no *.safetensors weights: the checkpoint is incomplete")
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config_file} is not a model config transformers can read: {error}") from None
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    for _, settings in (record.transforms.items() if record else ()):
+        transform_for(settings).apply(model, settings)
+    load_weights_strictly(model, weights)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model.eval(), tokenizer
+
+
+def load_weights_strictly(model: nn.Module, files: list[Path]) -> None:
+    """Load safetensors `files` into `model`; every tensor must match a parameter or buffer, and every parameter
+    must be given, except the aliases of tied weights (e.g. ``lm_head.weight``), which are re-tied."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{file} is corrupt or truncated ({error}); re-save the model") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    aliases = ({name for name, _ in model.named_parameters(remove_duplicate=False)}
+               - {name for name, _ in model.named_parameters()})
+    missing = [name for name in missing if name not in aliases]
+    if missing or unexpected:
+        raise CheckpointError(
+            "the weights do not match the model the record describes: "
+            + (f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; " if missing else "")
+            + (f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}" if unexpected
+               else "")
+            + " (a transform whose apply() does not rebuild what calibrate() made, or a damaged checkpoint)")
+

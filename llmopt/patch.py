@@ -1,56 +1,49 @@
-"""`patch_model`: apply the configured transforms in order (kv → routing → sparse) to the model given."""
+"""`patch_model`: apply the configured transforms in stage order (kv → routing → sparse) to the model given."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 import torch.nn as nn
 
-from llmopt.calibration import CalibrationData
-from llmopt.config import KVCompressionConfig, OptimizationConfig
+from llmopt.config import ConfigError, OptimizationConfig
+from llmopt.record import read_record, write_record
+from llmopt.transforms import CalibrationContext, Observer, transform_for
 
-Handler = Callable[..., nn.Module]
-_HANDLERS: dict[type, Handler] = {}
-
-
-def register_transform(config_type: type) -> Callable[[Handler], Handler]:
-    """Register `handler(model, config, *, tokenizer, calibration) -> model` for one config type."""
-    def decorate(handler: Handler) -> Handler:
-        _HANDLERS[config_type] = handler
-        return handler
-    return decorate
+DIAGNOSTICS_ATTRIBUTE = "llmopt_diagnostics"
 
 
-def patch_model(model: nn.Module, config: OptimizationConfig, *, tokenizer=None,
-                calibration: CalibrationData = None) -> nn.Module:
+def patch_model(model: nn.Module, config: Any, *, tokenizer=None, calibration=None,
+                observer: Observer | None = None) -> nn.Module:
     """Transform `model` in place as `config` says and return it; `generate()` works as before.
 
-    `calibration`: texts (tokenized here with `tokenizer`) or token windows ``[n, seq_len]``.
+    `config`: an `OptimizationConfig` or one transform's config. `calibration`: texts (tokenized with
+    `tokenizer`) or token windows ``[n, seq_len]``. `observer(stage, model)` is called at named intermediate
+    stages (e.g. ``"kv/training-free"``) so a caller can measure them. Every transform is found and checked
+    before the first one runs. Diagnostics go to ``model.llmopt_diagnostics``; the record of what was done
+    to ``model.config.llmopt`` (written into config.json by `save_optimized`).
     """
     if not isinstance(config, OptimizationConfig):
-        config = OptimizationConfig(**{_field_for(config): config})
-    for transform in config.transforms():
-        handler = _HANDLERS.get(type(transform))
-        if handler is None:
-            raise NotImplementedError(
-                f"{type(transform).__name__} has not landed in llmopt yet; available: "
-                f"{', '.join(t.__name__ for t in _HANDLERS)}"
-            )
-        model = handler(model, transform, tokenizer=tokenizer, calibration=calibration)
+        if not hasattr(type(config), "name"):
+            raise TypeError(f"patch_model takes an OptimizationConfig or a transform config, got {config!r}")
+        config = OptimizationConfig(**{type(config).name: config})
+    record = read_record(model)
+    done = [name for name in config.transforms if record is not None and record.get(name) is not None]
+    if done:
+        raise ConfigError(f"the model already went through {', '.join(done)}; start from the original model")
+    plan = [(name, settings, transform_for(settings), CalibrationContext(tokenizer, calibration, observer, f"{name}/"))
+            for name, settings in config.transforms.items()]
+    for _, settings, transform, context in plan:
+        transform.check(model, settings, context)
+    diagnostics = getattr(model, DIAGNOSTICS_ATTRIBUTE, {})
+    for name, settings, transform, context in plan:
+        diagnostics[name] = transform.calibrate(model, settings, context)
+        record = OptimizationConfig(**{**(record.transforms if record else {}), name: settings})
+        write_record(model, record)
+    setattr(model, DIAGNOSTICS_ATTRIBUTE, diagnostics)
     return model
 
 
-def _field_for(transform_config) -> str:
-    for name, cls in (("kv", KVCompressionConfig),):
-        if isinstance(transform_config, cls):
-            return name
-    raise TypeError(f"patch_model takes an OptimizationConfig or a transform config, got {transform_config!r}")
-
-
-def _register_builtin() -> None:
-    from llmopt.kv.transform import compress_kv_heads
-
-    register_transform(KVCompressionConfig)(compress_kv_heads)
-
-
-_register_builtin()
+def diagnostics(model: nn.Module) -> dict:
+    """What each transform reported while calibrating `model` (empty for a loaded model)."""
+    return getattr(model, DIAGNOSTICS_ATTRIBUTE, {})

@@ -37,6 +37,6 @@ def model_summary(model: nn.Module) -> str:
     rows += [(f"KV bytes/token ({name})", f"{shape.kv_bytes_per_token(size):,}") for name, size in KV_DTYPES.items()]
     record = read_record(model)
     if record:
-        rows.append(("llmopt transforms", ", ".join(t["transform"] for t in record["transforms"])))
+        rows.append(("llmopt transforms", ", ".join(record.transforms)))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

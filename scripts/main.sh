@@ -6,4 +6,4 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
 out="${1:-$root/out/smollm2-135m-kv1-$(date +%Y%m%d-%H%M%S)}"
 exec "$root/.venv/bin/llmopt" calibrate --model smollm2-135m --config "$root/configs/kv-3to1-healed.yaml" \
-  --baseline mean-pool --baseline svd-w --out "$out"
+  --baselines mean-pool svd-w --out "$out"

@@ -42,3 +42,39 @@ def test_bad_recipe_and_unknown_model_are_clear_errors(tmp_path, capsys):
 def test_commands_that_have_not_landed_say_so(capsys):
     assert main(["bench"]) != 0
     assert "has not landed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--baselines", "nope"], "unknown --baseline nope: the recipe's transforms (kv) offer calibrated, keep-one, svd-w"),
+    (["--eval-windows", "0"], "--eval-windows must be at least 1"),
+])
+def test_calibrate_refuses_bad_arguments_before_loading_a_model(tmp_path, capsys, extra, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("kv:\n  num_kv_heads: 2\n  method: mean-pool\n")
+    args = ["calibrate", "--model", str(tmp_path / "no-model-here"), "--config", str(recipe), "--out",
+            str(tmp_path / "o"), *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err  # not "no model": nothing was loaded
+
+
+def test_yaml_syntax_errors_and_corrupt_configs_are_messages(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("kv:\n  num_kv_heads: [2\n")
+    assert main(["calibrate", "--config", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    assert "r.yaml is not valid YAML" in capsys.readouterr().err
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{ not json")
+    assert main(["info", str(model)]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_serve_refuses_what_vllm_cannot_serve_before_starting(tmp_path, capsys):
+    from toy_transforms import register_toy_transforms
+
+    register_toy_transforms()
+    model = tmp_path / "scaled"
+    model.mkdir()
+    (model / "config.json").write_text('{"llmopt": {"version": 2, "toy_scale": {}}}')
+    assert main(["serve", str(model)]) == 2
+    assert "uses toy_scale, which needs llmopt's vLLM plugin" in capsys.readouterr().err

@@ -2,14 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from llmopt.config import (
-    ConfigError,
-    HealingConfig,
-    KVCompressionConfig,
-    OptimizationConfig,
-    SparseAttentionConfig,
-    TokenRoutingConfig,
-)
+from llmopt import HealingConfig, KVCompressionConfig, OptimizationConfig, SparseAttentionConfig, TokenRoutingConfig
+from llmopt.config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -23,7 +17,7 @@ EXAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("config", EXAMPLES, ids=lambda c: "+".join(type(t).__name__ for t in c.transforms()))
+@pytest.mark.parametrize("config", EXAMPLES, ids=lambda c: "+".join(c.transforms))
 def test_yaml_round_trip(config, tmp_path):
     path = tmp_path / "recipe.yaml"
     config.to_yaml(path)
@@ -32,7 +26,7 @@ def test_yaml_round_trip(config, tmp_path):
 
 @pytest.mark.parametrize("recipe", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(recipe):
-    assert OptimizationConfig.from_yaml(recipe).transforms()
+    assert OptimizationConfig.from_yaml(recipe).transforms
 
 
 @pytest.mark.parametrize("data, message", [
@@ -46,7 +40,8 @@ def test_shipped_recipes_load(recipe):
     ({"sparse": {"mass": 0}}, "sparse.mass must be in (0, 1]"),
     ({}, "names no transform"),
     ({"kv": {"num_kv_heads": 1}, "version": 9}, "config version 9 is not supported"),
-    ({"quantize": {}}, "unknown key(s) quantize"),
+    ({"quantize": {}}, "unknown key(s) quantize in the config: no such transform; available: kv, routing, sparse"),
+    ([1, 2], "expected a mapping with transform keys"),
 ])
 def test_bad_configs_name_the_field(data, message):
     with pytest.raises(ConfigError, match=None) as error:
@@ -66,3 +61,11 @@ def test_yaml_error_names_the_file(tmp_path):
     path.write_text("kv:\n  num_kv_heads: 1\n  colour: red\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key\(s\) colour"):
         OptimizationConfig.from_yaml(path)
+    path.write_text("kv:\n  num_kv_heads: 1\n   method: [mean-pool\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML"):
+        OptimizationConfig.from_yaml(path)
+
+
+def test_transforms_run_in_stage_order_whatever_the_recipe_order():
+    config = OptimizationConfig.from_dict({"sparse": {}, "kv": {"num_kv_heads": 1}})
+    assert list(config.transforms) == ["kv", "sparse"]

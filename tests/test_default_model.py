@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmopt import KVCompressionConfig, patch_model, save_optimized
+from llmopt import KVCompressionConfig, load_optimized, patch_model, save_optimized
 from llmopt.cli import main as cli
 from llmopt.data.corpora import calibration_texts, corpus_split
 from llmopt.data.windows import token_windows
 from llmopt.models import load_model
 
 pytestmark = pytest.mark.slow
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
 
 
 def perplexity(model, windows):
@@ -51,6 +52,24 @@ def test_mha_twin_is_exact_and_compresses_back_losslessly(default_model):
                 calibration=calibration_texts())
     with torch.no_grad():
         assert (twin(ids).logits - reference).abs().max() < 1e-3
+
+
+def test_calibrate_command_measures_saves_and_reloads(default_model, tmp_path):
+    """The CLI end to end: recipe → baselines → retention report with costs → a checkpoint load_optimized restores."""
+    out = tmp_path / "kv1"
+    assert cli(["calibrate", "--model", "smollm2-135m", "--config", str(RECIPES / "kv-mean-pool.yaml"),
+                "--baselines", "keep-one", "--eval-windows", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "llmopt_report.json").read_text())
+    models = report["retention"]["models"]
+    assert list(models) == ["original", "keep-one", "ours"]
+    assert models["ours"]["kv_compression"] == 3.0 and models["original"]["kv_bytes_per_token"] == 23040
+    assert 0 < report["retention"]["retention"]["ours"]["wikipedia-ppl"]["value"] < 0.5  # mean-pool loses a lot
+    assert (out / "retention_per_task.png").is_file() and "| ours |" in (out / "llmopt_report.md").read_text()
+    loaded, tokenizer = load_optimized(out)
+    expected = patch_model(load_model("smollm2-135m")[0], KVCompressionConfig(num_kv_heads=1, method="mean-pool"))
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected(ids).logits, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")

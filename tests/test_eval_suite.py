@@ -1,34 +1,130 @@
-"""The suite end to end on the real default model through lm-eval's HFLM (small --limit)."""
+"""The suite on tiny models built in code (perplexity, passkey, report), and once end to end on the real
+default model through lm-eval's HFLM with a small --limit."""
 
 import json
+import math
 
 import pytest
-
-from llmopt.cli import main
-from llmopt.eval.harness import task_specs
-
-pytestmark = [pytest.mark.slow, pytest.mark.eval]
-
-
-def test_unknown_task_is_refused_before_any_model_loads():
-    with pytest.raises(ValueError, match="unknown task"):
-        task_specs(["not_a_task_anywhere"])
+import torch
+from llmopt.eval.passkey import continuation_log_likelihoods, passkey_prompt
+from llmopt.eval.perplexity import perplexity, perplexity_stderr, window_nll
+from llmopt.eval.suite import expand_tasks, run_suite
+from tiny_models import TINY, tiny_model
 
 
-def test_eval_command_writes_the_retention_report(tmp_path, capsys):
+class CharTokenizer:
+    """Bytes folded into the tiny vocabulary: enough for windows and passkey prompts of tiny models."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + b % (TINY["vocab_size"] - 1) for b in text.encode()]}
+
+
+def test_perplexity_matches_a_hand_computation():
+    model = tiny_model()
+    windows = torch.randint(0, TINY["vocab_size"], (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(windows).logits
+    logprobs = logits[:, :-1].log_softmax(-1).gather(-1, windows[:, 1:, None])[..., 0]
+    assert perplexity(model, windows, batch_size=2, progress=False) == pytest.approx(
+        math.exp(-logprobs.mean().item()), rel=1e-5)
+    nll = window_nll(model, windows, batch_size=2, progress=False)
+    assert nll == pytest.approx((-logprobs.mean(dim=1)).double(), rel=1e-5)
+    expected_stderr = math.exp(nll.mean().item()) * nll.std().item() / math.sqrt(3)
+    assert perplexity_stderr(nll) == pytest.approx(expected_stderr)
+    with pytest.raises(ValueError, match="windows must be"):
+        perplexity(model, windows[0])
+
+
+def test_passkey_prompt_has_the_length_the_needle_at_its_depth_and_the_question_last():
+    tokenizer = CharTokenizer()
+    filler = tokenizer("lorem ipsum " * 400)["input_ids"]
+    needle = tokenizer(" The pass key is 12345.")["input_ids"]
+    question = tokenizer("\nWhat is the pass key? The pass key is")["input_ids"]
+    starts = []
+    for depth in (0.0, 0.5, 1.0):
+        prompt = passkey_prompt(tokenizer, filler, 1000, depth, 12345)
+        assert len(prompt) == 1000 and prompt[-len(question):] == question
+        starts.append(next(i for i in range(len(prompt)) if prompt[i: i + len(needle)] == needle))
+    room = 1000 - starts[0] - len(tokenizer(" The pass key is 12345. Remember it. 12345 is the pass key. ")[
+        "input_ids"]) - len(question)
+    assert starts[1] - starts[0] == pytest.approx(room / 2, abs=1) and starts[2] - starts[0] == room
+    with pytest.raises(ValueError, match="too short"):
+        passkey_prompt(tokenizer, filler, 100, 0.5, 12345)
+
+
+def test_continuation_log_likelihoods_match_a_full_forward():
+    model = tiny_model()
+    prompt, continuations = [5, 6, 7, 8, 9], [[11, 12, 13], [40], [13, 12, 11]]
+    scores = continuation_log_likelihoods(model, prompt, continuations)
+    for tokens, score in zip(continuations, scores):
+        with torch.no_grad():
+            logprobs = model(torch.tensor([prompt + tokens])).logits[0].log_softmax(-1)
+        expected = sum(logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(tokens))
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_default_tasks_expand_once():
+    assert expand_tasks(["wikipedia-ppl", "default", "passkey"])[:3] == ["wikipedia-ppl", "news-ppl", "passkey"]
+    assert len(expand_tasks(["default", "default"])) == len(expand_tasks(["default"]))
+
+
+def test_suite_on_tiny_models_writes_retention_and_kv_compression(tmp_path):
+    tokenizer = CharTokenizer()
+    reference = tiny_model()
+    twin = tiny_model()  # same seed: the same weights
+    fewer_heads = tiny_model(num_key_value_heads=2)
+    models = {"ref": (reference, tokenizer), "twin": (twin, tokenizer), "gqa2": (fewer_heads, tokenizer)}
+    report = run_suite(models, "ref", ["wikipedia-ppl", "passkey"], limit=2, out_dir=tmp_path,
+                       roles={"gqa2": "baseline"})
+    retained = report.retentions()
+    assert retained["twin"]["wikipedia-ppl"] == pytest.approx(1.0, abs=1e-9)
+    assert retained["gqa2"]["wikipedia-ppl"] != pytest.approx(1.0, abs=1e-3)
+    assert {task for task in report.tasks if task.startswith("passkey@")} == {"passkey@512", "passkey@1024",
+                                                                               "passkey@2048"}
+    assert report.scores["ref"]["wikipedia-ppl"].n == 2 * 511
+    assert report.facts["gqa2"]["kv_compression"] == pytest.approx(2.0) and report.facts["gqa2"]["role"] == "baseline"
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["retention"]["twin"]["wikipedia-ppl"]["passed"] is True
+    assert (tmp_path / "retention_vs_kv_compression.png").stat().st_size > 0
+
+
+def test_unknown_task_is_refused_before_any_model_loads(monkeypatch, capsys):
+    from llmopt import models
+    from llmopt.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    assert main(["eval", "--model", "smollm2-135m-mha", "--tasks", "analogies", "not_a_task_anywhere"]) == 2
+    error = capsys.readouterr().err
+    assert "not_a_task_anywhere" in error and "bigbench:<task>" in error and "analogies" in error
+
+
+@pytest.mark.slow
+@pytest.mark.eval
+def test_eval_command_writes_the_retention_report(tmp_path):
+    from llmopt.cli import main
+
     out = tmp_path / "report"
     code = main(["eval", "--model", "smollm2-135m-mha", "--reference", "smollm2-135m",
                  "--baselines", "configs/kv-mean-pool.yaml",
-                 "--tasks", "wikipedia-ppl", "analogies", "bigbench:general_knowledge", "--limit", "20",
+                 "--tasks", "wikipedia-ppl", "analogies", "bigbench:general_knowledge", "--limit", "16",
                  "--out", str(out)])
     assert code == 0
-    text = (out / "report.md").read_text()
-    assert "| analogies |" in text and "| wikipedia-ppl |" in text
     report = json.loads((out / "report.json").read_text())
-    # the exact MHA twin retains everything; mean-pooled KV heads lose most of it
-    assert report["retention"]["smollm2-135m-mha"] == pytest.approx(
-        {"wikipedia-ppl": 1.0, "analogies": 1.0, "bigbench:general_knowledge": 1.0}, abs=1e-4)
     scores = report["scores"]
-    assert scores["kv-mean-pool"]["wikipedia-ppl"]["value"] > 100 * scores["smollm2-135m"]["wikipedia-ppl"]["value"]
-    assert scores["smollm2-135m"]["analogies"]["value"] > 0.4  # chance is 0.25
+    # the exact MHA twin has the same logits: it retains everything; mean-pooled KV heads lose most of it
+    assert {t: r["value"] for t, r in report["retention"]["smollm2-135m-mha"].items()} == pytest.approx(
+        {"wikipedia-ppl": 1.0, "analogies": 1.0, "bigbench:general_knowledge": 1.0}, abs=1e-4)
+    assert report["models"]["kv-mean-pool"]["kv_compression"] == pytest.approx(3.0)
+    assert report["models"]["smollm2-135m-mha"]["kv_compression"] == pytest.approx(1 / 3)
+    assert scores["kv-mean-pool"]["wikipedia-ppl"]["value"] > 10 * scores["smollm2-135m"]["wikipedia-ppl"]["value"]
+    assert report["retention"]["kv-mean-pool"]["wikipedia-ppl"]["passed"] is False
+    analogies = scores["smollm2-135m"]["analogies"]
+    assert analogies["n"] == 16 and analogies["chance"] == pytest.approx(0.25) and analogies["stderr"] > 0
+    assert analogies["value"] > 0.25  # the real model beats chance
+    assert "| analogies | acc |" in (out / "report.md").read_text()
     assert (out / "retention_per_task.png").stat().st_size > 0

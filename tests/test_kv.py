@@ -7,9 +7,10 @@ import torch
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
-from llmopt import KVCompressionConfig, OptimizationConfig, load_optimized, patch_model, save_optimized
-from llmopt.arch.adapter import UnsupportedModelError
-from llmopt.config import ConfigError, HealingConfig
+from llmopt import HealingConfig, KVCompressionConfig, OptimizationConfig, patch_model, save_optimized
+from llmopt.arch.adapter import ADAPTERS, ArchAdapter, UnsupportedModelError
+from llmopt.config import ConfigError
+from llmopt.patch import diagnostics
 from llmopt.kv.solvers import pooling_fold
 from llmopt.models.default import mha_twin
 
@@ -75,14 +76,13 @@ def test_generate_save_and_reload_as_a_vanilla_checkpoint(tmp_path, token_window
     out = save_optimized(model, tmp_path / "out")
     saved = json.loads((out / "config.json").read_text())
     assert saved["num_key_value_heads"] == 2
-    record = saved["llmopt"]["transforms"][0]
-    assert record["transform"] == "kv" and record["original_num_key_value_heads"] == 4
-    assert len(record["layers"]["key_error"]) == 3
+    assert set(saved["llmopt"]) == {"version", "kv"} and saved["llmopt"]["kv"]["num_kv_heads"] == 2
+    report = json.loads((out / "llmopt_report.json").read_text())["diagnostics"]["kv"]
+    assert report["num_key_value_heads"] == [4, 2] and len(report["layers"]["key_error"]) == 3
     plain = AutoModelForCausalLM.from_pretrained(out)  # no llmopt code involved
     assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
     torch.testing.assert_close(logits(plain, prompt), logits(model, prompt))
     assert torch.equal(plain.generate(prompt, max_new_tokens=6, do_sample=False), generated)
-    reloaded, _ = load_optimized(out) if (out / "tokenizer_config.json").exists() else (plain, None)
     with pytest.raises(FileExistsError, match="never overwrites"):
         save_optimized(model, out)
 
@@ -92,8 +92,9 @@ def test_healing_lowers_the_distillation_loss(token_windows_tiny):
     healing = HealingConfig(steps=30, learning_rate=3e-3, seq_len=32, batch_size=4, tokens=512, warmup_steps=2)
     patch_model(model, KVCompressionConfig(num_kv_heads=1, method="mean-pool", healing=healing),
                 calibration=token_windows_tiny)
-    curve = model.config.llmopt["transforms"][0]["healing"]["kl_curve"]
-    assert len(curve) == 30
+    healing = diagnostics(model)["kv"]["healing"]
+    curve = healing["curve"]
+    assert len(curve) == 30 and healing["steps"] == 30 and healing["tokens"] == 30 * 4 * 64  # windows given as tensors keep their length
     assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5, curve
     assert all(p.requires_grad for p in model.parameters())  # nothing left frozen
 
@@ -137,8 +138,8 @@ def test_unknown_architecture_and_partial_rotary_are_refused():
         patch_model(model, KVCompressionConfig(num_kv_heads=2, method="mean-pool"))
 
 
-def test_transforms_that_have_not_landed_say_so():
-    from llmopt.config import TokenRoutingConfig
-
-    with pytest.raises(NotImplementedError, match="TokenRoutingConfig has not landed"):
-        patch_model(tiny_model(), OptimizationConfig(routing=TokenRoutingConfig()))
+def test_a_rope_layout_that_cannot_be_folded_is_refused(monkeypatch):
+    monkeypatch.setitem(ADAPTERS, "LlamaForCausalLM", ArchAdapter(rope_layout="interleaved"))
+    model = tiny_model()
+    with pytest.raises(UnsupportedModelError, match="pairs RoPE dimensions as 'interleaved'"):
+        patch_model(model, KVCompressionConfig(num_kv_heads=2, method="mean-pool"))

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
+
+# How RoPE pairs a head's dimensions into the 2-D planes it rotates; only these can be folded exactly.
+ROPE_LAYOUTS = ("rotate_half",)  # pairs (j, j + d/2), as Llama, Mistral and Qwen2 in transformers
 
 
 class UnsupportedModelError(ValueError):
@@ -21,7 +25,17 @@ class ArchAdapter:
     k_proj: str = "k_proj"
     v_proj: str = "v_proj"
     o_proj: str = "o_proj"
-    rope_layout: str = "rotate_half"  # RoPE pairs dims (j, j + d/2)
+    rope_layout: str = "rotate_half"
+
+    def to_complex(self, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """``[..., heads·d]`` real → ``[..., heads, d/2]`` complex128, one entry per RoPE rotation plane."""
+        x = x.to(torch.float64).unflatten(-1, (-1, head_dim))
+        half = head_dim // 2
+        return torch.complex(x[..., :half], x[..., half:])
+
+    def from_complex(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of `to_complex`: ``[..., heads, d/2]`` complex → ``[..., heads·d]`` float64."""
+        return torch.cat([z.real, z.imag], dim=-1).flatten(-2)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -65,6 +79,10 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
         raise UnsupportedModelError(
             f"architecture {name} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
         )
+    adapter = ADAPTERS[name]
+    if adapter.rope_layout not in ROPE_LAYOUTS:
+        raise UnsupportedModelError(f"{name} pairs RoPE dimensions as {adapter.rope_layout!r}; llmopt folds only "
+                                    f"{', '.join(ROPE_LAYOUTS)} exactly")
     config = model.config
     rotary = getattr(config, "partial_rotary_factor", 1.0)
     if rotary != 1.0:
@@ -72,7 +90,7 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
             f"{name} uses partial rotary embeddings (partial_rotary_factor={rotary}); only full rotate_half RoPE "
             "layouts can be folded exactly"
         )
-    return ADAPTERS[name]
+    return adapter
 
 
 def attention_shape(config) -> AttentionShape:

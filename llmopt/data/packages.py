@@ -34,5 +34,5 @@ def package_file(requirement: str, *, sdist: bool = False) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True)
         files = [p for p in Path(tmp).iterdir() if p.name.endswith(suffixes)]
         if not files:
-            raise RuntimeError(f"could not download {requirement} with pip:\n{done.stderr[-2000:]}")
+            raise FileNotFoundError(f"could not download {requirement} with pip:\n{done.stderr[-2000:]}")
         return files[0].replace(folder / files[0].name)

@@ -15,44 +15,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from llmopt.arch import ArchAdapter, AttentionShape
+from llmopt.hooks import LayerInput, StopForward, first_layer_inputs, hooks, next_layer_inputs, run_until_stopped
 from llmopt.kv.fold import fold_attention
 from llmopt.kv.solvers import GroupFold, reconstruction_error
 from llmopt.kv.statistics import LayerStatistics, StatisticsCollector
-
-Batch = tuple[torch.Tensor, dict]
-
-
-class _StopForward(Exception):
-    pass
-
-
-@torch.no_grad()
-def first_layer_inputs(model: nn.Module, adapter: ArchAdapter, windows: torch.Tensor, batch_size: int) -> list[Batch]:
-    """The hidden states and keyword arguments (rotary embeddings, mask) that reach decoder layer 0."""
-    captured: list[Batch] = []
-
-    def stop(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, kwargs))
-        raise _StopForward
-
-    handle = adapter.decoder_layers(model)[0].register_forward_pre_hook(stop, with_kwargs=True)
-    body = model.get_submodule(adapter.layers.rsplit(".", 1)[0])
-    device = next(model.parameters()).device
-    try:
-        for batch in windows.split(batch_size):
-            try:
-                body(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output  # transformers < 5 returns a tuple
 
 
 def refit_output_projection(attention: nn.Module, o_proj: nn.Linear, calls: list[tuple[dict, torch.Tensor]],
@@ -69,8 +35,7 @@ def refit_output_projection(attention: nn.Module, o_proj: nn.Linear, calls: list
     residual_energy = torch.zeros((), dtype=torch.float64)
     target_energy = torch.zeros((), dtype=torch.float64)
     inputs: list[torch.Tensor] = []
-    handle = o_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
-    try:
+    with hooks(o_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))):
         for kwargs, target in calls:
             attention(**kwargs)
             # Products per batch in float32 (fast GEMM), sums across batches and the solve in float64.
@@ -83,8 +48,6 @@ def refit_output_projection(attention: nn.Module, o_proj: nn.Linear, calls: list
             cross += (a.T @ r).double()
             residual_energy += (r.double() ** 2).sum()
             target_energy += (t.double() ** 2).sum()
-    finally:
-        handle.remove()
     damp = ridge * torch.diagonal(gram).mean() * torch.eye(width, dtype=torch.float64)
     delta = torch.linalg.solve(gram + damp, cross)
     error = residual_energy - 2 * (delta * cross).sum() + (delta * (gram @ delta)).sum()
@@ -125,13 +88,12 @@ def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: Attention
         residual = refit_output_projection(attention, getattr(attention, adapter.o_proj), calls) if refit else None
         del calls
         reports.append(LayerReport(key_error, value_error, residual))
-        fit = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in fit]
-        check = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in check]
+        fit, check = next_layer_inputs(layer, fit), next_layer_inputs(layer, check)
     return reports
 
 
 def _run_collecting(layer: nn.Module, attention: nn.Module, adapter: ArchAdapter, shape: AttentionShape,
-                    groups: int, batches: list[Batch],
+                    groups: int, batches: list[LayerInput],
                     calls: list[tuple[dict, torch.Tensor]] | None = None) -> LayerStatistics:
     """Run `layer` up to the end of its attention (the MLP's output would be thrown away) and collect its
     statistics, and, into `calls`, each attention call's keyword arguments and output (the refit's targets)."""
@@ -141,18 +103,13 @@ def _run_collecting(layer: nn.Module, attention: nn.Module, adapter: ArchAdapter
         calls.append(({**kwargs, **dict(zip(["hidden_states"], args))}, output[0]))
 
     def stop(*_):
-        raise _StopForward
+        raise StopForward
 
     handles = [attention.register_forward_hook(record, with_kwargs=True)] if calls is not None else []
-    handles.append(attention.register_forward_hook(stop))
     try:
-        for hidden, kwargs in batches:
-            try:
-                layer(hidden, **kwargs)
-            except _StopForward:
-                pass
+        with hooks(*handles, attention.register_forward_hook(stop)):
+            for hidden, kwargs in batches:
+                run_until_stopped(layer, hidden, **kwargs)
     finally:
-        for handle in handles:
-            handle.remove()
         collector.remove()
     return collector.stats.normalized()

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmopt.kv.statistics import LayerStatistics, complex_pairs
+from llmopt.arch import ArchAdapter
+from llmopt.kv.statistics import LayerStatistics
 
 
 @dataclass
@@ -101,15 +102,15 @@ def calibrated_fold(stats: LayerStatistics, o_proj_weight: torch.Tensor | None, 
     return GroupFold(key_encoder, key_decoder, value_encoder, value_decoder)
 
 
-def weight_statistics(k_proj: torch.nn.Linear, v_proj: torch.nn.Linear, groups: int,
-                      head_dim: int) -> LayerStatistics:
+def weight_statistics(k_proj: torch.nn.Linear, v_proj: torch.nn.Linear, groups: int, head_dim: int,
+                      adapter: ArchAdapter) -> LayerStatistics:
     """Statistics a whitened input would give (E[x xᵀ] = I, plus the bias): the data-free "SVD-w" baseline."""
     def augmented(linear: torch.nn.Linear) -> torch.Tensor:
         weight = linear.weight.detach().to(torch.float64)
         bias = linear.bias.detach().to(torch.float64)[:, None] if linear.bias is not None else weight[:, :0]
         return torch.cat([weight, bias], dim=1)  # [m·d, in(+1)]: rows are heads' output dims
 
-    k = complex_pairs(augmented(k_proj).T, head_dim).unflatten(1, (groups, -1))  # [in, m', g, d/2]
+    k = adapter.to_complex(augmented(k_proj).T, head_dim).unflatten(1, (groups, -1))  # [in, m', g, d/2]
     v = augmented(v_proj).T.unflatten(1, (groups, -1))  # [in, m', g·d]
     key = torch.einsum("nraj,nrbj->rjab", k, k.conj())
     value = torch.einsum("nra,nrb->rab", v, v)

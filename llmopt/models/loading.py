@@ -35,6 +35,6 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device_
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
     except (OSError, ValueError) as error:
-        raise RuntimeError(f"could not load a causal LM from {source}: {error}") from error
+        raise ValueError(f"could not load a causal LM from {source}: {error}") from error
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model.eval(), tokenizer

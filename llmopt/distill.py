@@ -1,0 +1,129 @@
+"""Distillation against the original model: the training loop every transform that learns shares.
+
+The teacher is the same model put back into its original state for one forward pass (a context manager the
+transform provides: original attention modules swapped in, routers switched off...), so nothing is copied.
+Its logits are computed per step on fresh windows, so the student never sees one window often enough to
+memorise it. Only the parameters the transform names train; everything else stays frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, ClassVar, ContextManager, Literal
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from llmopt.config import require, require_choice
+
+
+@dataclass
+class DistillationConfig:
+    """`steps` optimizer steps of `batch_size` windows of `seq_len` tokens, drawn in turn from `tokens` tokens of
+    calibration text, stopping early after `minutes` if given (then the result depends on the machine: steps are
+    recorded). ``precision="bfloat16"``: forward and backward under bf16 autocast; weights stay float32."""
+
+    steps: int = 200
+    minutes: float | None = None
+    tokens: int = 262144
+    learning_rate: float = 3e-4
+    seq_len: int = 256
+    batch_size: int = 4
+    warmup_steps: int = 10
+    precision: Literal["bfloat16", "float32"] = "bfloat16"
+
+    section: ClassVar[str] = "distillation"  # the name errors use; subclasses set their own
+
+    def __post_init__(self) -> None:
+        where = type(self).section
+        require(self.steps > 0, f"{where}.steps must be positive, got {self.steps}")
+        require(self.minutes is None or self.minutes > 0, f"{where}.minutes must be positive, got {self.minutes}")
+        require(self.learning_rate > 0, f"{where}.learning_rate must be positive, got {self.learning_rate}")
+        require(self.seq_len >= 16, f"{where}.seq_len must be at least 16, got {self.seq_len}")
+        require(self.batch_size > 0, f"{where}.batch_size must be positive, got {self.batch_size}")
+        require(self.tokens >= self.seq_len * self.batch_size,
+                f"{where}.tokens ({self.tokens}) must hold at least one batch ({self.batch_size} × {self.seq_len})")
+        require(self.warmup_steps >= 0, f"{where}.warmup_steps must be non-negative, got {self.warmup_steps}")
+        require_choice(where, "precision", self.precision, ("bfloat16", "float32"))
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) over the vocabulary, averaged over positions."""
+    teacher = teacher_logits.float().log_softmax(-1)
+    student = student_logits.float().log_softmax(-1)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+
+
+def learning_rate(config: DistillationConfig, progress: float, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% over the budget (`progress` in [0, 1])."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@contextlib.contextmanager
+def only_trainable(model: nn.Module, params: list[nn.Parameter]):
+    """`params` require grad and nothing else does, for the duration; the previous flags come back after."""
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in before:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        for p, flag in before:
+            p.requires_grad_(flag)
+
+
+def distill(model: nn.Module, params: list[nn.Parameter], teacher: Callable[[], ContextManager],
+            windows: torch.Tensor, config: DistillationConfig,
+            loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+            desc: str = "distillation") -> dict:
+    """Train `params` so that `model` matches itself under `teacher()` on batches of ``windows [n, seq_len]``.
+
+    `loss(model, student_logits, teacher_logits)` defaults to the KL divergence; a transform adds its own terms
+    (e.g. a sparsity penalty) by reading its modules' state. Returns ``{"steps", "tokens", "seconds", "curve"}``.
+    """
+    loss = loss or (lambda _model, student, target: kl_divergence(student, target))
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16")
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
+    budget = None if config.minutes is None else config.minutes * 60
+    curve: list[float] = []
+    started, was_training = time.perf_counter(), model.training
+    try:
+        with only_trainable(model, params):
+            bar = tqdm(range(config.steps), desc=desc, unit="step")
+            for step in bar:
+                elapsed = time.perf_counter() - started
+                if budget is not None and elapsed > budget:
+                    break
+                progress = max(step / config.steps, elapsed / budget if budget else 0.0)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(config, progress, step)
+                pick = order[torch.arange(step * config.batch_size, (step + 1) * config.batch_size) % len(windows)]
+                batch = windows[pick].to(device)
+                model.eval()
+                with torch.no_grad(), autocast, teacher():
+                    target = model(input_ids=batch, use_cache=False).logits
+                model.train()
+                with autocast:
+                    value = loss(model, model(input_ids=batch, use_cache=False).logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                curve.append(round(value.item(), 5))
+                bar.set_postfix(loss=f"{value.item():.4f}")
+    finally:
+        model.train(was_training)
+    return {"steps": len(curve), "tokens": len(curve) * config.batch_size * windows.shape[1],
+            "seconds": round(time.perf_counter() - started, 1), "curve": curve}

@@ -1,0 +1,77 @@
+"""The configs of KV-head compression and of its optional healing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from llmopt.config import ConfigError, require, require_choice
+from llmopt.distill import DistillationConfig
+
+METHODS = ("calibrated", "mean-pool", "svd-w", "keep-one")
+
+
+@dataclass
+class HealingConfig(DistillationConfig):
+    """Distillation against the original model's logits after the fold (see `DistillationConfig`); trains the
+    attention projections (``parameters="attention"``) or only k/v (``"keys-values"``)."""
+
+    section: ClassVar[str] = "healing"
+    parameters: Literal["attention", "keys-values"] = "attention"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_choice("healing", "parameters", self.parameters, ("attention", "keys-values"))
+
+
+@dataclass
+class KVCompressionConfig:
+    """Merge groups of KV heads into fewer heads (MHA/GQA → GQA), folded into the weights.
+
+    Give exactly one of ``num_kv_heads`` (the target per layer) and ``ratio`` (current KV heads / target).
+    ``method``: "calibrated" (ours: RoPE-exact complex keys, PCA values, fitted on activations) or a baseline:
+    "mean-pool" (average the group's weights, the GQA paper's init), "svd-w" (SVD of the weights, no data),
+    "keep-one" (keep the first head of each group). ``refit_o_proj`` (calibrated only): refit each o_proj by
+    least squares to the original attention output. ``healing``: distillation after the fold.
+    """
+
+    name: ClassVar[str] = "kv"
+    stage: ClassVar[int] = 10
+    transform: ClassVar[str] = "llmopt.kv.transform:KVCompression"
+
+    num_kv_heads: int | None = None
+    ratio: int | None = None
+    method: Literal["calibrated", "mean-pool", "svd-w", "keep-one"] = "calibrated"
+    key_objective: Literal["query-weighted", "plain"] = "query-weighted"
+    value_objective: Literal["output-weighted", "plain"] = "output-weighted"
+    refit_o_proj: bool = True
+    calibration_tokens: int = 16384
+    seq_len: int = 512
+    tensor_parallel_size: int = 1
+    healing: HealingConfig | None = None
+
+    def __post_init__(self) -> None:
+        require((self.num_kv_heads is None) != (self.ratio is None), "kv: give exactly one of num_kv_heads and ratio")
+        for name in ("num_kv_heads", "ratio"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"kv.{name} must be a positive integer, got {value}")
+        require_choice("kv", "method", self.method, METHODS)
+        require_choice("kv", "key_objective", self.key_objective, ("query-weighted", "plain"))
+        require_choice("kv", "value_objective", self.value_objective, ("output-weighted", "plain"))
+        require(self.seq_len >= 16, f"kv.seq_len must be at least 16, got {self.seq_len}")
+        require(self.calibration_tokens >= self.seq_len,
+                f"kv.calibration_tokens ({self.calibration_tokens}) must be at least kv.seq_len ({self.seq_len})")
+        require(self.tensor_parallel_size >= 1, "kv.tensor_parallel_size must be at least 1")
+
+    def target_kv_heads(self, num_kv_heads: int) -> int:
+        """The KV head count after compression, for a layer that has `num_kv_heads` today."""
+        if self.num_kv_heads is not None:
+            return self.num_kv_heads
+        if num_kv_heads % self.ratio:
+            raise ConfigError(f"kv.ratio = {self.ratio} does not divide the model's {num_kv_heads} KV heads; "
+                              f"use a divisor of {num_kv_heads} or set num_kv_heads")
+        return num_kv_heads // self.ratio
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "calibrated" or self.healing is not None

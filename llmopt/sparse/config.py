@@ -1,0 +1,29 @@
+"""The config of block-sparse attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from llmopt.config import require
+
+
+@dataclass
+class SparseAttentionConfig:
+    """Block-sparse prefill attention: per head, keep the key blocks holding `mass` of the attention."""
+
+    name: ClassVar[str] = "sparse"
+    stage: ClassVar[int] = 30
+    transform: ClassVar[str] = "llmopt.sparse.transform:SparseAttention"
+
+    block_size: int = 64
+    mass: float = 0.95
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    min_seq_len: int = 1024
+
+    def __post_init__(self) -> None:
+        require(self.block_size in (16, 32, 64, 128), "sparse.block_size must be 16, 32, 64 or 128")
+        require(0.0 < self.mass <= 1.0, f"sparse.mass must be in (0, 1], got {self.mass}")
+        require(self.sink_blocks >= 1, "sparse.sink_blocks must be at least 1 (the attention sink is always kept)")
+        require(self.local_blocks >= 1, "sparse.local_blocks must be at least 1 (the diagonal is always kept)")
