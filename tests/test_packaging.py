@@ -21,6 +21,13 @@ def test_no_top_level_triton_kernels_or_eval(tmp_path):
     assert done.stdout.split() == ["None", "None"]
 
 
+def test_the_source_tree_imports_whole_from_the_repository_root():
+    """`python -m pytest` from the root puts the source tree first on sys.path: it must be complete."""
+    code = "import llmopt.eval.suite, llmopt.triton_kernels.block_sparse_attention; print(llmopt.eval.__path__[0])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(ROOT / "llmopt" / "eval")
+
+
 def test_import_changes_nothing_in_transformers():
     code = ("import transformers.models.llama.modeling_llama as m; before = dict(vars(m)); import llmopt; "
             "assert {k for k in vars(m) if vars(m)[k] is not before.get(k)} == set(), 'llmopt patched transformers'")
@@ -38,13 +45,17 @@ def test_public_api():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
-    """The wheel built from the tracked files alone (a copy: the build leaves nothing in the work tree)."""
+    """The wheel built from the files git would commit, symlinks kept (a copy: the build leaves nothing behind)."""
     tmp = tmp_path_factory.mktemp("wheel")
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in files + [str(p.relative_to(ROOT)) for p in ROOT.glob("**/*.py") if ".venv" not in p.parts]:
-        if (ROOT / name).is_file():
-            (tmp / "src" / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / name, tmp / "src" / name)
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        source, copy = ROOT / name, tmp / "src" / name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            copy.symlink_to(source.readlink())
+        elif source.is_file():
+            shutil.copy(source, copy)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
                     str(tmp / "dist"), str(tmp / "src")], check=True, capture_output=True)
     return zipfile.ZipFile(next((tmp / "dist").glob("llmopt-*.whl")))
