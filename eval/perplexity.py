@@ -37,3 +37,23 @@ def perplexity_stderr(nll: torch.Tensor) -> float | None:
     if nll.numel() < 2:
         return None
     return math.exp(nll.mean().item()) * nll.std().item() / math.sqrt(nll.numel())
+
+
+@torch.no_grad()
+def decode_nll(model, windows: torch.Tensor, prefix: int, progress: bool = True) -> torch.Tensor:
+    """Mean NLL ``[n]`` (float64) of the tokens after the first `prefix` of each window, predicted the way
+    generation does: the prefix is prefilled once, then each later token is fed alone through the KV cache
+    (teacher forcing), so a transform of the decode path is what gets scored. ``windows [n, seq_len > prefix]``,
+    all windows decoded together."""
+    if windows.ndim != 2 or not 0 < prefix < windows.shape[1]:
+        raise ValueError(f"windows must be [n, seq_len > prefix={prefix}] token ids, got {tuple(windows.shape)}")
+    windows = windows.to(next(model.parameters()).device)
+    out = model(input_ids=windows[:, :prefix], use_cache=True)
+    logits, cache = [out.logits[:, -1]], out.past_key_values
+    for position in tqdm(range(prefix, windows.shape[1] - 1), desc="decode perplexity", unit="token",
+                         disable=not progress, leave=False):
+        out = model(input_ids=windows[:, position: position + 1], past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+        cache = out.past_key_values
+    losses = torch.nn.functional.cross_entropy(torch.stack(logits, 2).float(), windows[:, prefix:], reduction="none")
+    return losses.double().mean(dim=1).cpu()

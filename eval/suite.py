@@ -1,8 +1,11 @@
 """The eval suite: score every model on the same tasks in one run and write the retention report.
 
-Task names: ``wikipedia-ppl`` and ``news-ppl`` (held-out text, never calibration text), ``passkey`` (scored as
-``passkey@<length>``), ``analogies``, ``bigbench:<task>[/<subtask>]``, ``default`` (the default suite), or any
-lm-eval task or group name where its data is available.
+Task names: ``wikipedia-ppl`` and ``news-ppl`` (held-out text, never calibration text; ``wikipedia-ppl:4096`` for
+longer windows at the same token count), ``passkey`` and ``multihop`` (retrieval, scored as ``passkey@<length>``;
+``passkey:8192`` for one length), ``decode-ppl:<prefix>`` (held-out Wikipedia tokens after a `prefix`-token
+context, fed one by one through the KV cache: what a transform of decoding changes), ``analogies``, ``bigbench:<task>[/<subtask>]``, ``default`` (the default suite),
+``long`` (long-context tasks, where sparse attention engages), or any lm-eval task or group name where its data is
+available.
 """
 
 from __future__ import annotations
@@ -16,15 +19,40 @@ from llmopt.eval.report import DEFAULT_THRESHOLD, Report, Score
 from llmopt.eval.tasks import DEFAULT_TASKS
 
 PERPLEXITY_TASKS = {"wikipedia-ppl": "wikipedia", "news-ppl": "news"}
+RETRIEVAL_TASKS = ("passkey", "multihop")
+DECODE_TASK, DECODE_TOKENS, DECODE_WINDOWS = "decode-ppl", 128, 2
 DEFAULT_SUITE = (*PERPLEXITY_TASKS, "passkey", *DEFAULT_TASKS)
+LONG_SUITE = ("wikipedia-ppl:4096", "decode-ppl:4096", "passkey:4096", "passkey:8192", "multihop:4096",
+              "multihop:8192")
+GROUPS = {"default": DEFAULT_SUITE, "long": LONG_SUITE}
 PPL_WINDOWS, PPL_SEQ_LEN = 16, 512
 COST_WINDOWS, COST_SEQ_LEN = 2, 2048  # long enough for sparse attention to engage
 
 
 def expand_tasks(tasks: list[str]) -> list[str]:
-    """``default`` → the default suite; duplicates dropped, order kept."""
-    expanded = [name for task in tasks for name in (DEFAULT_SUITE if task == "default" else (task,))]
+    """``default`` and ``long`` → their tasks; duplicates dropped, order kept."""
+    expanded = [name for task in tasks for name in GROUPS.get(task, (task,))]
     return list(dict.fromkeys(expanded))
+
+
+def local_task(task: str) -> tuple[str, int | None] | None:
+    """(kind, length) of a task the suite scores itself (``passkey:4096`` → ("passkey", 4096)); None for the
+    tasks lm-eval scores."""
+    kind, _, length = task.partition(":")
+    if kind not in (*PERPLEXITY_TASKS, *RETRIEVAL_TASKS, DECODE_TASK):
+        return None
+    if length and not (length.isdigit() and int(length) >= 128):
+        raise ValueError(f"{task}: the length after ':' must be a number of tokens, at least 128 (e.g. {kind}:4096)")
+    return kind, int(length) if length else None
+
+
+def checked_tasks(tasks: list[str]) -> list[str]:
+    """`tasks` expanded, each checked to be known (ValueError naming the known ones), before any model loads."""
+    from llmopt.eval.harness import check_task_names
+
+    tasks = expand_tasks(tasks)
+    check_task_names([task for task in tasks if local_task(task) is None])
+    return tasks
 
 
 def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
@@ -36,42 +64,64 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
     from llmopt.eval.harness import run_lm_eval
 
     scores: dict[str, Score] = {}
-    harness = [task for task in tasks if task not in PERPLEXITY_TASKS and task != "passkey"]
+    harness = [task for task in tasks if local_task(task) is None]
     harness_scores = run_lm_eval(model, tokenizer, harness, limit, batch_size) if harness else {}
     for task in tasks:
-        if task in PERPLEXITY_TASKS:
-            scores[task] = perplexity_score(model, tokenizer, PERPLEXITY_TASKS[task], limit)
-        elif task == "passkey":
-            scores.update(passkey_scores(model, tokenizer, limit))
-        else:
+        local = local_task(task)
+        if local is None:
             scores[task] = harness_scores[task]
+        elif local[0] in PERPLEXITY_TASKS:
+            scores[task] = perplexity_score(model, tokenizer, PERPLEXITY_TASKS[local[0]], limit, local[1])
+        elif local[0] == DECODE_TASK:
+            scores[task] = decode_perplexity_score(model, tokenizer, local[1] or PPL_SEQ_LEN, limit)
+        else:
+            scores.update(retrieval_scores(model, tokenizer, *local, limit))
     return scores
 
 
-def perplexity_score(model, tokenizer, corpus: str, limit: int | None = None) -> Score:
-    """Perplexity on up to `PPL_WINDOWS` held-out windows of `PPL_SEQ_LEN` tokens, with its stderr."""
+def perplexity_score(model, tokenizer, corpus: str, limit: int | None = None, seq_len: int | None = None) -> Score:
+    """Perplexity on held-out windows of `seq_len` tokens (default `PPL_SEQ_LEN`), as many as make `PPL_WINDOWS`
+    default windows' tokens (at least one), with its stderr."""
     from llmopt.eval.perplexity import perplexity_stderr, window_nll
 
     from llmopt.data.corpora import corpus_split
     from llmopt.data.windows import token_windows
 
-    windows = token_windows(corpus_split(corpus, "heldout"), tokenizer, PPL_SEQ_LEN, min(limit or PPL_WINDOWS,
-                                                                                         PPL_WINDOWS))
+    seq_len = seq_len or PPL_SEQ_LEN
+    count = max(1, PPL_WINDOWS * PPL_SEQ_LEN // seq_len)
+    windows = token_windows(corpus_split(corpus, "heldout"), tokenizer, seq_len, min(limit or count, count))
     nll = window_nll(model, windows)
     return Score(math.exp(nll.mean().item()), perplexity_stderr(nll), "ppl", higher_is_better=False,
                  n=windows.numel() - len(windows))
 
 
-def passkey_scores(model, tokenizer, limit: int | None = None) -> dict[str, Score]:
-    """``passkey@<length>``: fraction of prompts where the key outranks 4 random keys, with its binomial stderr."""
-    from llmopt.eval.passkey import DEPTHS, passkey_results
+def decode_perplexity_score(model, tokenizer, prefix: int, limit: int | None = None) -> Score:
+    """Perplexity of `DECODE_TOKENS` held-out Wikipedia tokens after a `prefix`-token context, decoded one by one."""
+    from llmopt.eval.perplexity import decode_nll, perplexity_stderr
+
+    from llmopt.data.corpora import corpus_split
+    from llmopt.data.windows import token_windows
+
+    windows = token_windows(corpus_split("wikipedia", "heldout"), tokenizer, prefix + DECODE_TOKENS,
+                            min(limit or DECODE_WINDOWS, DECODE_WINDOWS))
+    nll = decode_nll(model, windows, prefix)
+    return Score(math.exp(nll.mean().item()), perplexity_stderr(nll), "ppl", higher_is_better=False,
+                 n=len(windows) * DECODE_TOKENS)
+
+
+def retrieval_scores(model, tokenizer, kind: str, length: int | None = None,
+                     limit: int | None = None) -> dict[str, Score]:
+    """``<kind>@<length>`` (every default length unless one is given): fraction of prompts where the true key
+    outranks 4 distractors, with its binomial stderr."""
+    from llmopt.eval.passkey import DEPTHS, LENGTHS, retrieval_results
 
     depths = DEPTHS[:limit] if limit is not None else DEPTHS
+    lengths = (length,) if length else LENGTHS
     scores = {}
-    for length, hits in passkey_results(model, tokenizer, depths=depths).items():
+    for length, hits in retrieval_results(model, tokenizer, kind, lengths, depths).items():
         p = sum(hits) / len(hits)
-        scores[f"passkey@{length}"] = Score(p, (p * (1 - p) / len(hits)) ** 0.5, "passkey_acc", chance=0.2,
-                                            n=len(hits))
+        scores[f"{kind}@{length}"] = Score(p, (p * (1 - p) / len(hits)) ** 0.5, f"{kind}_acc", chance=0.2,
+                                           n=len(hits))
     return scores
 
 
@@ -143,8 +193,8 @@ def add_eval_arguments(parser) -> None:
                         help="baselines, shown beside the models: names/paths, or YAML recipes applied to the "
                              "reference (e.g. configs/kv-mean-pool.yaml)")
     parser.add_argument("--tasks", nargs="+", default=["default"], metavar="TASK",
-                        help=f"default = {' '.join(DEFAULT_SUITE)}; also bigbench:<task>[/<subtask>] "
-                             "or any lm-eval task name")
+                        help=f"default = {' '.join(DEFAULT_SUITE)}; long = {' '.join(LONG_SUITE)}; also "
+                             "multihop, bigbench:<task>[/<subtask>] or any lm-eval task name")
     parser.add_argument("--limit", type=int, default=None,
                         help="quick run: at most N items per task (perplexity windows, passkey depths)")
     parser.add_argument("--threshold", nargs="+", default=[], metavar="[METRIC=]VALUE",
@@ -170,18 +220,16 @@ def parse_thresholds(values: list[str]) -> dict[str, float]:
 def run_eval_command(args) -> int:
     """``llmopt eval``: load the models, run the suite, print the markdown table, write the report."""
     import torch
-    from llmopt.eval.harness import check_task_names
     from llmopt.eval.tasks import build_tasks, is_builtin
     from llmopt.eval.variants import is_recipe, load_variant, read_recipe, unique_labels
 
     from llmopt.models import load_model
 
     thresholds = parse_thresholds(args.threshold)
-    tasks = expand_tasks(args.tasks)
+    tasks = checked_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     # everything that can be refused is refused before a model loads
-    check_task_names([t for t in tasks if t not in PERPLEXITY_TASKS and t != "passkey"])
     for spec in [*args.model, *args.baselines]:
         if is_recipe(spec):
             read_recipe(spec)

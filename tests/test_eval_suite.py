@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from llmopt.eval.passkey import continuation_log_likelihoods, passkey_prompt
-from llmopt.eval.perplexity import perplexity, perplexity_stderr, window_nll
-from llmopt.eval.suite import expand_tasks, run_suite
+from llmopt.eval.passkey import candidate_keys, continuation_log_likelihoods, multihop_prompt, passkey_prompt
+from llmopt.eval.perplexity import decode_nll, perplexity, perplexity_stderr, window_nll
+from llmopt.eval.suite import expand_tasks, local_task, run_suite
 from tiny_models import TINY, tiny_model
 
 
@@ -54,6 +54,44 @@ def test_passkey_prompt_has_the_length_the_needle_at_its_depth_and_the_question_
         passkey_prompt(tokenizer, filler, 100, 0.5, 12345)
 
 
+def test_multihop_hides_each_half_once_at_its_depth_and_only_one_candidate_has_both():
+    import random
+
+    tokenizer = CharTokenizer()
+    filler = tokenizer("lorem ipsum " * 400)["input_ids"]
+    keys = candidate_keys("multihop", random.Random(0))
+    first, second = divmod(keys[0], 1000)
+    assert len(set(keys)) == 5 and all(100000 <= key < 1000000 for key in keys)
+    assert sum(divmod(key, 1000) == (first, second) for key in keys) == 1
+    assert sum(key // 1000 == first for key in keys) == 2 and sum(key % 1000 == second for key in keys) == 2
+    prompt = multihop_prompt(tokenizer, filler, 1000, 0.8, keys[0])
+
+    def found_at(text: str) -> list[int]:
+        piece = tokenizer(text)["input_ids"]
+        return [i for i in range(len(prompt)) if prompt[i: i + len(piece)] == piece]
+
+    (at_first,), (at_second,) = found_at(f"half of the pass key is {first}."), found_at(f"is {second:03d}.")
+    assert at_second < at_first  # 0.8 + 0.4 wraps to 0.2: the second half comes first
+    assert found_at(str(keys[0])) == [] and len(prompt) == 1000
+
+
+def test_task_lengths_parse_and_bad_ones_are_refused():
+    assert local_task("passkey:8192") == ("passkey", 8192) and local_task("wikipedia-ppl") == ("wikipedia-ppl", None)
+    assert local_task("bigbench:general_knowledge") is None and local_task("hellaswag") is None
+    with pytest.raises(ValueError, match="number of tokens"):
+        local_task("multihop:4k")
+    assert "multihop:8192" in expand_tasks(["long"])
+
+
+def test_decode_nll_matches_the_full_forward_on_the_same_tokens():
+    model = tiny_model()
+    windows = torch.randint(0, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(windows).logits[:, 29:-1].float()
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 30:], reduction="none").mean(1)
+    assert torch.allclose(decode_nll(model, windows, prefix=30, progress=False).float(), expected, atol=1e-4)
+
+
 def test_continuation_log_likelihoods_match_a_full_forward():
     model = tiny_model()
     prompt, continuations = [5, 6, 7, 8, 9], [[11, 12, 13], [40], [13, 12, 11]]
@@ -76,14 +114,16 @@ def test_suite_on_tiny_models_writes_retention_and_kv_compression(tmp_path):
     twin = tiny_model()  # same seed: the same weights
     fewer_heads = tiny_model(num_key_value_heads=2)
     models = {"ref": (reference, tokenizer), "twin": (twin, tokenizer), "gqa2": (fewer_heads, tokenizer)}
-    report = run_suite(models, "ref", ["wikipedia-ppl", "passkey"], limit=2, out_dir=tmp_path,
-                       roles={"gqa2": "baseline"})
+    report = run_suite(models, "ref", ["wikipedia-ppl", "passkey", "multihop:512", "news-ppl:256", "decode-ppl:200"],
+                       limit=2, out_dir=tmp_path, roles={"gqa2": "baseline"})
     retained = report.retentions()
     assert retained["twin"]["wikipedia-ppl"] == pytest.approx(1.0, abs=1e-9)
     assert retained["gqa2"]["wikipedia-ppl"] != pytest.approx(1.0, abs=1e-3)
     assert {task for task in report.tasks if task.startswith("passkey@")} == {"passkey@512", "passkey@1024",
                                                                                "passkey@2048"}
-    assert report.scores["ref"]["wikipedia-ppl"].n == 2 * 511
+    assert report.scores["ref"]["wikipedia-ppl"].n == 2 * 511 and report.scores["ref"]["news-ppl:256"].n == 2 * 255
+    assert retained["twin"]["decode-ppl:200"] == pytest.approx(1.0, abs=1e-9)
+    assert report.scores["ref"]["multihop@512"].n == 2 and report.scores["ref"]["multihop@512"].metric == "multihop_acc"
     assert report.facts["gqa2"]["kv_compression"] == pytest.approx(2.0) and report.facts["gqa2"]["role"] == "baseline"
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["retention"]["twin"]["wikipedia-ppl"]["passed"] is True

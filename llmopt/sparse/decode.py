@@ -1,0 +1,78 @@
+"""Sparse decode (Quest-style): per KV head, attend only the cache pages whose keys can score highest.
+
+Each full page of ``page_size`` keys is summarized by its elementwise key min and max; a query's score on a page
+is bounded by ``sum_d max(q_d min_d, q_d max_d)``. Per KV head (the bounds of its query heads summed), the
+`pages` best-bounded pages are kept, plus the first page (the attention sink) and the pages not summarized yet
+(the newest, partial one). Summaries are kept per layer and extended page by page as decoding goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PageSummary:
+    """Key min and max ``[B, Hkv, P, D]`` of the first P full pages of one layer's cache."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+
+    @property
+    def pages(self) -> int:
+        return self.low.shape[2]
+
+
+def summarize(k: torch.Tensor, page_size: int, summary: PageSummary | None) -> PageSummary:
+    """`summary` extended to every full page of k ``[B, Hkv, L, D]`` (a new one when it does not fit k)."""
+    b, hkv, length, d = k.shape
+    full = length // page_size
+    if summary is not None and summary.low.shape[:2] == (b, hkv) and summary.pages <= full:
+        done = summary.pages
+    else:
+        summary, done = None, 0
+    if done == full and summary is not None:
+        return summary
+    new = k[:, :, done * page_size: full * page_size].reshape(b, hkv, full - done, page_size, d)
+    low, high = new.amin(3), new.amax(3)
+    if summary is not None:
+        low, high = torch.cat([summary.low, low], 2), torch.cat([summary.high, high], 2)
+    return PageSummary(low, high)
+
+
+def select_pages(q: torch.Tensor, summary: PageSummary, length: int, page_size: int,
+                 pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(page_indices ``[B, Hkv, K]``, page_counts ``[B, Hkv]``) int32, ascending: the first page, the `pages`
+    best-bounded full pages after it and every page not summarized. q ``[B, H, D]``; `length` keys in the cache."""
+    b, h, d = q.shape
+    hkv = summary.low.shape[1]
+    qg = q.view(b, hkv, h // hkv, 1, d).float()
+    bound = torch.maximum(qg * summary.low[:, :, None].float(), qg * summary.high[:, :, None].float())
+    bound = bound.sum(-1).sum(2)  # [B, Hkv, P]
+    bound[..., 0] = math.inf  # the sink
+    chosen = bound.topk(min(pages + 1, summary.pages), dim=-1).indices
+    tail = torch.arange(summary.pages, math.ceil(length / page_size), device=q.device)
+    indices = torch.cat([chosen.sort(-1).values, tail.expand(b, hkv, -1)], -1).to(torch.int32)
+    return indices, torch.full((b, hkv), indices.shape[-1], dtype=torch.int32, device=q.device)
+
+
+def sparse_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_indices: torch.Tensor,
+                        page_size: int, scale: float | None = None) -> torch.Tensor:
+    """Attention of one query per sequence over the selected pages of a contiguous cache, gathered first.
+
+    q ``[B, H, D]``; k, v ``[B, Hkv, L, D]``; page_indices ``[B, Hkv, K]`` (all valid). Keys past L in the last
+    page are masked. fp16 computes in fp32. Returns o ``[B, H, D]`` in q's dtype.
+    """
+    b, h, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
+    positions = (page_indices.long()[..., None] * page_size + torch.arange(page_size, device=q.device)).flatten(2)
+    valid = positions < length
+    rows = positions.clamp(max=length - 1)[..., None].expand(-1, -1, -1, d)
+    keys, values = k.gather(2, rows).to(dtype), v.gather(2, rows).to(dtype)  # [B, Hkv, K·page, D]
+    scores = q.view(b, hkv, h // hkv, d).to(dtype) @ keys.transpose(-1, -2) * (d ** -0.5 if scale is None else scale)
+    weights = scores.masked_fill(~valid[:, :, None], -math.inf).softmax(-1)
+    return (weights @ values).view(b, h, d).to(q.dtype)

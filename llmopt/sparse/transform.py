@@ -1,0 +1,58 @@
+"""Block-sparse prefill attention as one transform: no data, no weights; `apply` installs the backend."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from llmopt.arch import adapter_for
+from llmopt.config import ConfigError
+from llmopt.sparse.attention import STATS_ATTRIBUTE, install
+from llmopt.sparse.config import SparseAttentionConfig
+from llmopt.transforms import CalibrationContext, Transform
+
+
+def triton_available() -> bool:
+    """Whether the CUDA kernel can run here (a GPU and the kernel module)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import llmopt.triton_kernels.block_sparse_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SparseAttention(Transform):
+    def check(self, model: nn.Module, config: SparseAttentionConfig, context: CalibrationContext) -> None:
+        adapter_for(model)
+        if not model._can_set_attn_implementation():
+            raise ConfigError(f"sparse: {type(model).__name__} does not dispatch attention through transformers' "
+                              "AttentionInterface, so its attention cannot be switched")
+
+    def calibrate(self, model: nn.Module, config: SparseAttentionConfig, context: CalibrationContext) -> dict:
+        self.apply(model, config)
+        device = next(model.parameters()).device
+        return {"backend": "triton" if device.type == "cuda" and triton_available() else "torch",
+                "dense_below_tokens": config.min_seq_len}
+
+    def apply(self, model: nn.Module, config: SparseAttentionConfig) -> None:
+        install(model, adapter_for(model).attention_modules(model), config)
+
+    def baselines(self, config: SparseAttentionConfig) -> dict[str, SparseAttentionConfig]:
+        return {"dense": dataclasses.replace(config, mass=1.0, decode_pages=0)}
+
+    def cost(self, model: nn.Module, config: SparseAttentionConfig,
+             windows: torch.Tensor | None = None) -> dict[str, float]:
+        """``attention_density``: kept / causally possible blocks of the sparse calls, measured on `windows`
+        when they are long enough to be sparse, else from the calls seen so far (1.0 if none was sparse)."""
+        stats = getattr(model, STATS_ATTRIBUTE)
+        if windows is not None and windows.shape[-1] >= config.min_seq_len:
+            stats.reset()
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                for window in windows:
+                    model(window[None].to(device))
+        return {"attention_density": stats.density if stats.density is not None else 1.0}
