@@ -35,7 +35,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from llmopt.data.corpora import calibration_texts
     from llmopt.data.windows import read_texts
     from llmopt.eval.report import Report
-    from llmopt.eval.suite import PERPLEXITY_TASKS, evaluate_model, model_facts, run_facts
+    from llmopt.eval.suite import checked_tasks, evaluate_model, model_facts, run_facts
     from llmopt.models import load_model
 
     config = OptimizationConfig.from_yaml(args.config)
@@ -45,9 +45,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.eval_windows < 1:
         raise ValueError(f"--eval-windows must be at least 1, got {args.eval_windows}")
     baselines = recipe_baselines(config, args.baselines)
+    tasks = checked_tasks(args.tasks)
     texts = read_texts(args.calibration) if args.calibration else calibration_texts()
     model, tokenizer = load_model(args.model)
-    tasks = list(PERPLEXITY_TASKS)
     reference_kv = model_costs(model)["kv_bytes_per_token"]
     scores, facts = {}, {}
 

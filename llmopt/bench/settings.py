@@ -1,0 +1,42 @@
+"""How much a bench measures: the full run (the loads of issue 11) or `--quick` (the same sections, small loads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    """`decode_loads`: (batch, prompt tokens) of the decode measurements, each generating `decode_tokens`.
+    `capacity_gib`: the KV space (``VLLM_CPU_KVCACHE_SPACE``) at which vLLM's capacity is read; None reads it at the
+    serving budget from the serving engine (one engine per model). `serving_loads`: (requests, prompt, output);
+    their fixed KV budget holds `serving_concurrency` sequences of the original's longest load; each is timed
+    `serving_repeats` times."""
+
+    repeats: int
+    warmup: int
+    capacity_gib: int | None
+    decode_loads: tuple[tuple[int, int], ...]
+    decode_tokens: int
+    serving_loads: tuple[tuple[int, int, int], ...]
+    serving_repeats: int
+    serving_concurrency: int
+    max_num_seqs: int
+    max_model_len: int
+    sparse_lengths: tuple[int, ...]
+    sparse_layers: tuple[int, ...]
+    time_calibration: bool
+
+
+FULL = Settings(repeats=5, warmup=1, capacity_gib=4,
+                decode_loads=((1, 512), (1, 2048), (8, 2048), (32, 2048)), decode_tokens=64,
+                serving_loads=((64, 1024, 256), (64, 32, 512)), serving_repeats=3, serving_concurrency=16,
+                max_num_seqs=64,
+                max_model_len=4096, sparse_lengths=(4096, 8192, 16384), sparse_layers=(3, 6, 9),
+                time_calibration=True)
+
+# One engine per model at the serving budget: it must also hold the largest decode load (4 sequences of one block).
+QUICK = Settings(repeats=3, warmup=1, capacity_gib=None,
+                 decode_loads=((1, 32), (1, 96), (4, 96)), decode_tokens=32,
+                 serving_loads=((24, 32, 64),), serving_repeats=3, serving_concurrency=8, max_num_seqs=32,
+                 max_model_len=256, sparse_lengths=(1024, 2048), sparse_layers=(3,), time_calibration=False)

@@ -1,0 +1,26 @@
+"""llmopt's vLLM plugin: serves llmopt checkpoints whose transforms need code inside vLLM.
+
+vLLM calls `register` (entry point group ``vllm.general_plugins``, name ``llmopt``) in each of its processes.
+It only names classes by string, so nothing heavy is imported until vLLM builds a model; every setting comes from
+the served checkpoint's llmopt record (config.json), none from the environment. Models without a record are
+served exactly as by stock vLLM. ``VLLM_PLUGINS`` (comma-separated entry point names) can leave it out.
+"""
+
+from __future__ import annotations
+
+CPU_ATTENTION = "llmopt.vllm_plugin.cpu_attention.SparseCPUAttentionBackend"
+
+_registered = False
+
+
+def register() -> None:
+    """Install llmopt's attention backend in vLLM; idempotent, safe to call in every process."""
+    global _registered
+    if _registered:
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    # The CPU platform picks CPU_ATTN whatever backend is asked for, so llmopt's backend takes its place; it
+    # runs vLLM's own kernel for every model and layer without a sparse record.
+    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_ATTENTION)
+    _registered = True

@@ -1,0 +1,24 @@
+"""One request's keys and values, read back from vLLM's paged KV cache on CPU.
+
+vLLM's CPU cache of a layer is ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, but each (block, head)
+holds K transposed, ``[head_size, block_size]``, followed by V, ``[block_size, head_size]`` (the layout the C++
+``vec``/``vec16`` kernels write; `LAYOUT_ISAS`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUT_ISAS = ("vec", "vec16")  # kernels whose cache layout is the one read here (checked by a test)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, v), each ``[1, Hkv, seq_len, D]``: the first `seq_len` positions of the request whose cache blocks are
+    `block_ids` (its row of vLLM's block table), in position order."""
+    num_blocks, hkv, block_size, two_d = kv_cache.shape
+    d = two_d // 2
+    used = block_ids[:-(-seq_len // block_size)].long()
+    blocks = kv_cache.view(num_blocks, hkv, 2, block_size * d)[used]  # [n, Hkv, 2, bs·D]
+    k = blocks[:, :, 0].view(-1, hkv, d, block_size).permute(1, 0, 3, 2).reshape(hkv, -1, d)
+    v = blocks[:, :, 1].view(-1, hkv, block_size, d).transpose(0, 1).reshape(hkv, -1, d)
+    return k[None, :, :seq_len], v[None, :, :seq_len]

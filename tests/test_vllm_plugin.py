@@ -1,0 +1,238 @@
+"""llmopt's vLLM plugin on vllm-cpu: registration, the paged-cache reader, `llmopt serve`'s checks, and the real
+engine: a plain model served exactly as without the plugin, a sparse checkpoint matching transformers through
+chunked prefill and the prefix cache, and the OpenAI server under 32 concurrent requests."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from llmopt.checkpoint import save_optimized
+from llmopt.cli import main
+from llmopt.patch import patch_model
+from llmopt.sparse.config import SparseAttentionConfig
+from llmopt.sparse.selection import select_blocks
+from llmopt.vllm_plugin.sparse_chunk import sparse_chunk_attention
+
+# CPU attention supports head sizes 32, 64, 80, ...: the tiny Llama gets head_dim 32 (SmolLM2: 64)
+SHAPE = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 1024}
+SPARSE = SparseAttentionConfig(block_size=32, mass=0.3, min_seq_len=128)
+# chunks of 256 tokens start on sparse block boundaries, so chunked prefill must reproduce the one-pass prefill
+ENGINE = {"max_model_len": 600, "max_num_batched_tokens": 256, "skip_tokenizer_init": True,
+          "enable_prefix_caching": True}
+
+
+def vllm_generate(model: Path, calls: list, plugins: str, max_tokens: int = 8) -> dict:
+    spec = {"model": str(model), "engine": ENGINE, "calls": calls, "max_tokens": max_tokens}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_PLUGINS": plugins}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_generate.py")), json.dumps(spec)],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[6:])
+
+
+@pytest.fixture(scope="module")
+def prompts() -> dict[str, list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    return {name: torch.randint(0, 97, (length,), generator=generator).tolist()
+            for name, length in (("long", 512), ("long_b", 416), ("short", 64))}
+
+
+def greedy(model, ids: list[int], n: int = 8) -> list[int]:
+    return model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+
+
+def test_register_is_idempotent_and_replaces_cpu_attention(monkeypatch):
+    pytest.importorskip("vllm")
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import llmopt.vllm_plugin as plugin
+
+    monkeypatch.setattr(plugin, "_registered", False)
+    try:
+        plugin.register()
+        plugin.register()
+        assert AttentionBackendEnum.CPU_ATTN.get_path() == plugin.CPU_ATTENTION
+        assert AttentionBackendEnum.CPU_ATTN.get_class().get_name() == "CPU_ATTN"
+    finally:
+        AttentionBackendEnum.CPU_ATTN.clear_override()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("isa, head_size", [("vec", 64), ("vec16", 80)])
+def test_gather_kv_reads_back_what_vllms_cpu_kernel_wrote(isa, head_size, dtype):
+    pytest.importorskip("vllm")
+    from vllm import _custom_ops as ops
+
+    from llmopt.vllm_plugin.paged_kv import LAYOUT_ISAS, gather_kv
+
+    assert isa in LAYOUT_ISAS
+    num_blocks, hkv, block_size, seq_len = 6, 2, 32, 70
+    cache = torch.zeros(num_blocks, hkv, block_size, 2 * head_size, dtype=dtype)
+    key_cache, value_cache = cache.view(num_blocks, hkv, 2 * block_size, head_size).chunk(2, dim=2)
+    k, v = torch.randn(2, seq_len, hkv, head_size).to(dtype)
+    blocks = torch.tensor([4, 1, 3, 0], dtype=torch.int32)  # the request's blocks, out of order
+    positions = torch.arange(seq_len)
+    slots = blocks[positions // block_size].long() * block_size + positions % block_size
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype="auto")
+    read_k, read_v = gather_kv(cache, blocks, seq_len)
+    assert torch.equal(read_k[0].transpose(0, 1), k) and torch.equal(read_v[0].transpose(0, 1), v)
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_serve_refuses_before_starting_vllm(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("vllm")
+    routed = write_config(tmp_path / "routed", {"llmopt": {"version": 2, "routing": {}}})
+    assert main(["serve", str(routed)]) == 2
+    assert "uses routing, which needs llmopt's vLLM plugin, and the plugin cannot serve it" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "nowhere")]) == 2
+    assert "no model" in capsys.readouterr().err
+    broken = write_config(tmp_path / "broken", {})
+    (broken / "config.json").write_text("{ not json")
+    assert main(["serve", str(broken)]) == 2
+    assert "config.json is not valid JSON" in capsys.readouterr().err
+    sparse = write_config(tmp_path / "sparse", {"llmopt": {"version": 2, "sparse": {}}})
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
+    assert main(["serve", str(sparse)]) == 2
+    assert "VLLM_PLUGINS='lora_filesystem_resolver' must name llmopt" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what find_spec reports when vLLM is not installed
+    assert main(["serve", str(sparse)]) == 2
+    assert "vLLM is not installed in this environment" in capsys.readouterr().err
+
+
+def test_cpu_defaults_size_the_kv_cache_and_keep_what_the_user_set():
+    pytest.importorskip("vllm")
+    from llmopt.vllm_plugin.settings import cpu_defaults
+
+    assert 1 <= int(cpu_defaults({})["VLLM_CPU_KVCACHE_SPACE"]) <= 16
+    assert cpu_defaults({"VLLM_CPU_KVCACHE_SPACE": "3"}) == {}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_plain_model_is_served_exactly_as_without_the_plugin(tmp_path, prompts):
+    path = tmp_path / "plain"
+    tiny_model(**SHAPE).save_pretrained(path)
+    calls = [[prompts["long"]], [prompts["short"]], [prompts["long"]]]  # one request a call: the same steps
+    without, with_plugin = vllm_generate(path, calls, ""), vllm_generate(path, calls, "llmopt")
+    assert without["backend"].startswith("vllm.") and with_plugin["backend"].startswith("llmopt.")
+    assert with_plugin["tokens"] == without["tokens"]
+    assert with_plugin["logprobs"] == without["logprobs"]  # bit for bit: the same kernel ran
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_sparse_checkpoint_gives_the_greedy_tokens_of_the_sparse_model_in_transformers(tmp_path, prompts):
+    dense, sparse = tiny_model(**SHAPE), patch_model(tiny_model(**SHAPE), SPARSE)
+    expected = {name: greedy(sparse, ids) for name, ids in prompts.items()}
+    assert expected["long"] != greedy(dense, prompts["long"])  # sparse attention changes these outputs ...
+    assert expected["long_b"] != greedy(dense, prompts["long_b"])
+    assert expected["short"] == greedy(dense, prompts["short"])  # ... and not those of a short prompt
+    path = save_optimized(sparse, tmp_path / "sparse")
+    # the long prompt in two chunks; again, from the prefix cache; a long prompt whose second chunk shares a step
+    # with a short (dense) prompt. Chunks start on block boundaries however the requests reach the scheduler: a
+    # request added while the first one runs would shift the chunks of a long prompt behind it.
+    result = vllm_generate(path, [[prompts["long"]], [prompts["long"]], [prompts["long_b"], prompts["short"]]],
+                           "llmopt")
+    assert result["tokens"] == [[expected["long"]], [expected["long"]], [expected["long_b"], expected["short"]]]
+    assert result["cached"][1][0] >= 256, result["cached"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def wait_until_serving(server: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, log.read_text()[-4000:]
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(1)
+    raise AssertionError(f"no answer from {url} in {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_llmopt_serve_answers_32_concurrent_requests_as_it_answers_them_one_by_one(tmp_path):
+    from llmopt.models import resolve_model
+
+    model = resolve_model("smollm2-135m")  # provisioned before the server's clock starts
+    port, log = free_port(), tmp_path / "server.log"
+    # as a user calls it: the venv's script, no activated environment
+    env = {**{k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "VLLM_CPU_KVCACHE_SPACE")},
+           "PATH": "/usr/bin:/bin"}
+    command = [str(Path(sys.executable).with_name("llmopt")), "serve", "smollm2-135m", "--port", str(port),
+               "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(server, f"{base}/health", log)
+
+        def complete(prompt: str) -> str:
+            body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0}
+            return post(f"{base}/v1/completions", body)["choices"][0]["text"]
+
+        def too_long() -> int:
+            try:
+                complete("word " * 600)
+            except urllib.error.HTTPError as error:
+                return error.code
+            return 200
+
+        questions = [f"Once upon a time, in a land with {i + 2} castles," for i in range(32)]
+        with ThreadPoolExecutor(33) as pool:
+            rejected = pool.submit(too_long)
+            concurrent = list(pool.map(complete, questions))
+        assert rejected.result() == 400
+        assert concurrent == [complete(question) for question in questions]
+        assert all(concurrent)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    assert "CPU defaults VLLM_CPU_KVCACHE_SPACE=" in log.read_text()
+
+
+@pytest.mark.parametrize("split", [256, 200])
+def test_a_chunk_attends_as_in_the_one_pass_prefill(split):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 512, 32, generator=generator) * 3
+    k, v = torch.randn(2, 1, 2, 512, 32, generator=generator)
+    whole = sparse_chunk_attention(q, k, v, SPARSE, 32 ** -0.5)
+    chunk = sparse_chunk_attention(q[:, :, split:], k, v, SPARSE, 32 ** -0.5)
+    # from the first block boundary of the chunk on, every query block is the one-pass prefill's
+    boundary = -(-split // 32) * 32
+    torch.testing.assert_close(chunk[:, :, boundary - split:], whole[:, :, boundary:], rtol=1e-5, atol=1e-5)
+    assert select_blocks(q, k, SPARSE, 32 ** -0.5).density < 0.8  # a real selection, not every block
