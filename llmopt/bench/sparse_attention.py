@@ -5,7 +5,9 @@ q/k/v (post-RoPE) come from a few layers of the default model run on held-out Wi
 picks the density it would pick in use; lengths past the model's 8192 positions are fine for timing an operator
 (RoPE extrapolates; the attention pattern is still the model's own). Dense, selection and selection + sparse take
 turns within each round (each summed over the layers). The sparse path is PyTorch on CPU and the Triton kernel
-when CUDA is present.
+when CUDA is present. Decode (when the recipe sets `decode_pages`): the last query of each layer over the whole
+cache, dense SDPA against page selection (the page summaries extended by the newest page, as in generation) plus
+the sparse decode, `DECODE_STEPS` steps per timing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from llmopt.bench.results import Row, SectionResult, Series
 from llmopt.bench.timing import Spread, ratio, timed_rounds
 
 CAPTURE = "llmopt_bench_capture"
+DECODE_STEPS = 10
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -65,6 +68,54 @@ def capture_qkv(model, tokens: torch.Tensor, layers: list[int]) -> list[QKV]:
     finally:
         model.set_attn_implementation(previous)
     return [captured[i] for i in layers]
+
+
+def sparse_decode_kernel(device: torch.device):
+    """fn(q ``[B, H, D]``, k, v ``[B, Hkv, L, D]``, page_indices, page_size) of the sparse decode on `device`."""
+    if device.type == "cuda":
+        from llmopt.triton_kernels.sparse_decode import sparse_decode_attention
+
+        def triton_decode(q, k, v, page_indices, page_size):
+            b, hkv = page_indices.shape[:2]
+            counts = torch.full((b, hkv), page_indices.shape[-1], dtype=torch.int32, device=q.device)
+            lengths = torch.full((b,), k.shape[2], dtype=torch.int32, device=q.device)
+            return sparse_decode_attention(q, k, v, page_indices, counts, page_size=page_size, cache_seqlens=lengths)
+
+        return triton_decode
+    from llmopt.sparse.decode import sparse_decode_torch
+
+    return sparse_decode_torch
+
+
+@torch.no_grad()
+def bench_decode(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
+    """Seconds of `DECODE_STEPS` decode attentions (summed over layers): dense SDPA vs page selection + sparse
+    decode; the density of the pages read."""
+    from llmopt.sparse.decode import select_pages, summarize
+
+    page, device = config.block_size, qkv[0][0].device
+    kernel = sparse_decode_kernel(device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    steps = [(q[:, :, -1:], k, v, summarize(k[:, :, :-page], page, None)) for q, k, v in qkv]
+
+    def dense():
+        for _ in range(DECODE_STEPS):
+            for q, k, v, _ in steps:
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        synchronize()
+
+    def sparse():
+        for _ in range(DECODE_STEPS):
+            for q, k, v, earlier in steps:
+                indices, _ = select_pages(q[:, :, 0], summarize(k, page, earlier), k.shape[2], page,
+                                          config.decode_pages)
+                kernel(q[:, :, 0], k, v, indices, page)
+        synchronize()
+
+    q, k, _, earlier = steps[0]
+    indices, _ = select_pages(q[:, :, 0], summarize(k, page, earlier), k.shape[2], page, config.decode_pages)
+    return {**timed_rounds({"dense": dense, "sparse": sparse}, repeats, warmup),
+            "density": indices.shape[-1] / -(-k.shape[2] // page)}
 
 
 def sparse_kernel(device: torch.device):
@@ -121,7 +172,7 @@ def run(bench) -> SectionResult:
     tokens = heldout_tokens(tokenizer, max(settings.sparse_lengths)).to(device)
     kernel_name, _ = sparse_kernel(device)
     result = SectionResult("sparse", f"Sparse attention ({kernel_name}, {device.type}) vs dense SDPA")
-    measured = {}
+    measured, decoded = {}, {}
     for length in settings.sparse_lengths:
         bench.progress(f"sparse attention at {length} tokens")
         qkv = capture_qkv(model, tokens[:, :length], layers)
@@ -129,6 +180,12 @@ def run(bench) -> SectionResult:
         result.rows.append(Row(f"prefill attention, {length} tokens, density {r['density']:.2f}", "ms",
                                Spread.of(r["dense"]).scaled(1e3), Spread.of(r["sparse"]).scaled(1e3),
                                ratio(r["dense"], r["sparse"]), bound=f"1/density {1 / r['density']:.2f}×"))
+        if config.decode_pages:
+            d = decoded[length] = bench_decode(qkv, config, settings.repeats, settings.warmup)
+            result.rows.append(Row(f"decode attention, {length}-token cache, {DECODE_STEPS} steps, density "
+                                   f"{d['density']:.2f}", "ms", Spread.of(d["dense"]).scaled(1e3),
+                                   Spread.of(d["sparse"]).scaled(1e3), ratio(d["dense"], d["sparse"]),
+                                   bound=f"1/density {1 / d['density']:.2f}×"))
     for name in ("dense", "sparse"):
         result.series.append(Series("speed_vs_context", f"attention of {len(layers)} layer(s): {name} ({kernel_name})",
                                     list(measured), [n / statistics.median(measured[n][name]) for n in measured]))
@@ -142,5 +199,10 @@ def run(bench) -> SectionResult:
         + ", ".join(f"{share:.0%} at {n}" for n, share in selection_share.items())
         + " of the sparse path's time: the gap to 1/density.",
     ]
-    result.raw = {"config": vars(config), "layers": layers, "kernel": kernel_name, "lengths": measured}
+    if decoded:
+        result.notes.append(f"Decode keeps the first page, the {config.decode_pages} best-bounded pages of "
+                            f"{config.block_size} keys and the newest page per KV head (Quest); its density is "
+                            "the share of the cache's pages read.")
+    result.raw = {"config": vars(config), "layers": layers, "kernel": kernel_name, "lengths": measured,
+                  "decode": decoded}
     return result

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -63,16 +64,20 @@ def sparse_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_
                         page_size: int, scale: float | None = None) -> torch.Tensor:
     """Attention of one query per sequence over the selected pages of a contiguous cache, gathered first.
 
-    q ``[B, H, D]``; k, v ``[B, Hkv, L, D]``; page_indices ``[B, Hkv, K]`` (all valid). Keys past L in the last
-    page are masked. fp16 computes in fp32. Returns o ``[B, H, D]`` in q's dtype.
+    q ``[B, H, D]``; k, v ``[B, Hkv, L, D]``; page_indices ``[B, Hkv, K]``: full pages, ascending, then the
+    partial last page when L is not a multiple of `page_size` (as `select_pages` gives them). fp16 computes in
+    fp32. Returns o ``[B, H, D]`` in q's dtype.
     """
     b, h, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
+    full = length // page_size
     dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
-    positions = (page_indices.long()[..., None] * page_size + torch.arange(page_size, device=q.device)).flatten(2)
-    valid = positions < length
-    rows = positions.clamp(max=length - 1)[..., None].expand(-1, -1, -1, d)
-    keys, values = k.gather(2, rows).to(dtype), v.gather(2, rows).to(dtype)  # [B, Hkv, K·page, D]
-    scores = q.view(b, hkv, h // hkv, d).to(dtype) @ keys.transpose(-1, -2) * (d ** -0.5 if scale is None else scale)
-    weights = scores.masked_fill(~valid[:, :, None], -math.inf).softmax(-1)
-    return (weights @ values).view(b, h, d).to(q.dtype)
+    batch, head = torch.arange(b)[:, None, None], torch.arange(hkv)[None, :, None]
+    chosen = page_indices[..., :-1] if length % page_size else page_indices
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        pages = x[:, :, :full * page_size].unflatten(2, (full, page_size))[batch, head, chosen.long()]
+        return torch.cat([pages.flatten(2, 3), x[:, :, full * page_size:]], 2).to(dtype)  # [B, Hkv, S, D]
+
+    o = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, d).to(dtype), gather(k), gather(v), scale=scale)
+    return o.reshape(b, h, d).to(q.dtype)
