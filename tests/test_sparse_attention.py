@@ -165,6 +165,15 @@ def test_mass_one_generates_the_dense_greedy_tokens(prompt):
     assert stats.calls["torch"] == 3 and stats.calls["dense"] == 3 * 5  # prefill sparse, decode steps dense
 
 
+def test_transposed_keys_without_a_cache_give_the_same_logits(prompt):
+    """transformers hands the backend transposed K/V views; without a cache nothing makes them contiguous."""
+    model = patch_model(tiny_model(), TINY_SPARSE)
+    batch = torch.cat([prompt[:, :96], prompt[:, 4:]])  # a multiple of the block size: no padding copy
+    with torch.no_grad():
+        cached, uncached = model(batch).logits, model(batch, use_cache=False).logits
+    assert model.llmopt_sparse_stats.calls == {"torch": 6} and torch.allclose(uncached, cached, atol=1e-5)
+
+
 def test_sparse_model_runs_sparse_on_long_prompts_and_dense_on_short_ones(prompt):
     model = patch_model(tiny_model(), TINY_SPARSE)
     stats = model.llmopt_sparse_stats

@@ -114,7 +114,8 @@ def sparse_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     qb = math.ceil(lq / bs)
     input_dtype = q.dtype
     dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    # contiguous: the band's strided windows and the block rows assume it (transformers' keys are transposed views)
+    q, k, v = q.to(dtype), k.to(dtype).contiguous(), v.to(dtype).contiguous()
     queries = F.pad(q, (0, 0, 0, qb * bs - lq)).view(b, hkv, g, qb, bs, d).transpose(2, 3).reshape(-1, g, bs, d)
     out, lse = diagonal_band(queries, k, v, lq, bs, scale)
     band_start = (lk - lq) // bs + torch.arange(qb, device=q.device)  # [Qb] first key block of each band
