@@ -1,0 +1,107 @@
+"""The routed Llama decoder layer: kept tokens are gathered, run through the block, and scattered back; skipped
+tokens pass on the residual but still write their K/V at the block (dense KV layout: later tokens attend to them).
+
+In training the block runs every token and mixes ``x + gate · (block(x) − x)`` with a straight-through gate, whose
+forward value is the hard decision: the same numbers the gathered path computes, with a gradient for the router.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, rotate_half
+
+from llmopt.routing.router import BlockRecord, TokenRouter
+
+
+class RoutedLlamaDecoderLayer(LlamaDecoderLayer):
+    """A `LlamaDecoderLayer` whose class was switched in place (weights and names unchanged) and which asks the
+    model's `TokenRouter` which tokens run it. Set `layer_index` and `_token_router` after switching."""
+
+    layer_index: int
+    _token_router: TokenRouter
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool | None = False,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+        router, index = self._token_router, self.layer_index
+        if router.dropped(index):
+            output = hidden_states
+        elif not router.routes(index):
+            output = super().forward(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                                     position_embeddings, **kwargs)
+        else:
+            normed = self.input_layernorm(hidden_states)
+            if position_ids is None:
+                position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
+            keep, gate = router.decide(index, hidden_states, normed, position_ids)
+            if self.training:
+                output = self._gated(hidden_states, keep, gate, index, attention_mask, position_ids,
+                                     past_key_values, use_cache, position_embeddings, **kwargs)
+            else:
+                router.record(BlockRecord(index, keep))
+                output = self._gathered(hidden_states, normed, keep, attention_mask, past_key_values,
+                                        position_embeddings)
+        router.remember(index, hidden_states)
+        return output
+
+    def _gated(self, hidden, keep, gate, index, attention_mask, position_ids, past_key_values, use_cache,
+               position_embeddings, **kwargs) -> torch.Tensor:
+        full = super().forward(hidden, attention_mask, position_ids, past_key_values, use_cache,
+                               position_embeddings, **kwargs)
+        delta = full - hidden
+        update = (delta.detach().float().norm(dim=-1) / hidden.detach().float().norm(dim=-1).clamp_min(1e-6))
+        self._token_router.record(BlockRecord(index, keep, gate, update))
+        straight_through = keep.to(gate.dtype) + gate - gate.detach()
+        return hidden + straight_through[..., None].to(delta.dtype) * delta
+
+    def _gathered(self, hidden: torch.Tensor, normed: torch.Tensor, keep: torch.Tensor,
+                  attention_mask: torch.Tensor | None, past_key_values,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``hidden [b, s, H]`` → the block's output, running queries, o_proj and MLP for ``keep [b, s]`` only."""
+        attention = self.self_attn
+        batch, length, _ = hidden.shape
+        head_dim = attention.head_dim
+        cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+        keys = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+        values = attention.v_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+        keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
+        if past_key_values is not None:
+            keys, values = past_key_values.update(keys, values, attention.layer_idx)
+        counts = keep.sum(1)
+        width = int(counts.max())
+        if width == 0:
+            return hidden
+        # per row, the kept tokens first (in order), padded with skipped ones that are computed and dropped
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width, device=hidden.device)[None] < counts[:, None]
+        pick = order[..., None].expand(-1, -1, hidden.shape[-1])
+        queries = attention.q_proj(normed.gather(1, pick)).view(batch, width, -1, head_dim).transpose(1, 2)
+        cos_q = cos.gather(1, order[..., None].expand(-1, -1, head_dim))[:, None]
+        sin_q = sin.gather(1, order[..., None].expand(-1, -1, head_dim))[:, None]
+        queries = queries * cos_q + rotate_half(queries) * sin_q
+        mask = query_mask(attention_mask, order, keys.shape[2], length)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=attention.scaling,
+                                             enable_gqa=True)
+        out = out.transpose(1, 2).reshape(batch, width, -1)[valid]
+        rows = torch.arange(batch, device=hidden.device)[:, None].expand(-1, width)[valid]
+        tokens = order[valid]
+        residual = hidden[rows, tokens]
+        kept = residual + attention.o_proj(out)
+        kept = kept + self.mlp(self.post_attention_layernorm(kept))
+        output = hidden.clone()
+        output[rows, tokens] = kept
+        return output
+
+
+def query_mask(attention_mask: torch.Tensor | None, order: torch.Tensor, kv_length: int,
+               q_length: int) -> torch.Tensor:
+    """The mask rows of the gathered queries ``order [b, w]`` (indices into the step's ``q_length`` tokens)
+    against all ``kv_length`` keys: the model's 4-D mask ``[b or 1, 1, q, ≥kv]`` (bool or additive) gathered by
+    row, or, where the model passed none (causal, no padding), causal by the queries' place after the cache."""
+    batch = order.shape[0]
+    if attention_mask is None:
+        place = order + (kv_length - q_length)
+        return (torch.arange(kv_length, device=order.device)[None, None] <= place[..., None])[:, None]
+    mask = attention_mask[..., :kv_length].expand(batch, -1, -1, -1)
+    return mask.gather(2, order[:, None, :, None].expand(-1, mask.shape[1], -1, kv_length))

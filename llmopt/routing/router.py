@@ -1,0 +1,147 @@
+"""The token router: per token and block, a score; the token runs the block when its score exceeds the block's
+threshold. One module on the model (``model.model.token_router``), shared by every routed decoder layer.
+
+Learned scores come from residual-stream features only (no attention probabilities, so any attention kernel
+serves them): a per-block projection of the normalized hidden state, the log norm of the hidden state, the previous
+block's relative update of the token, log(1 + position), each standardized per block, plus the block's target
+sparsity. Baselines score without learning: "static" by position (evenly spread), "random" by an integer hash of
+(position, block, seed), exact in any batch or cache layout, "shortgpt" drops whole blocks (target sparsity 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmopt.routing.config import TokenRoutingConfig
+
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+@dataclass
+class BlockRecord:
+    """What one block decided in one forward pass: ``keep [b, s]`` bool, and in training the soft gate
+    ``gate [b, s]`` and the block's relative update of each token ``update [b, s]`` (the guide's target)."""
+
+    index: int
+    keep: torch.Tensor
+    gate: torch.Tensor | None = None
+    update: torch.Tensor | None = None
+
+
+class TokenRouter(nn.Module):
+    """Scores and thresholds of every block. Buffers ``block_sparsity [n]`` (target share of tokens skipped per
+    block; 1 = block dropped) and ``threshold [n]`` are set by calibration and saved with the weights."""
+
+    def __init__(self, config: TokenRoutingConfig, num_layers: int, hidden_size: int) -> None:
+        super().__init__()
+        self.method = config.method
+        self.num_features = config.projections + 3
+        self.register_buffer("block_sparsity", torch.zeros(num_layers))
+        self.register_buffer("threshold", torch.zeros(num_layers))
+        self.seed = config.seed
+        if self.method == "learned":
+            generator = torch.Generator().manual_seed(config.seed)
+            self.projection = nn.Parameter(torch.randn(num_layers, config.projections, hidden_size,
+                                                       generator=generator) / math.sqrt(hidden_size))
+            self.register_buffer("feature_mean", torch.zeros(num_layers, self.num_features))
+            self.register_buffer("feature_std", torch.ones(num_layers, self.num_features))
+            if config.router == "shared-mlp":
+                self.mlp = nn.Sequential(nn.Linear(self.num_features + 1, config.hidden), nn.GELU(),
+                                         nn.Linear(config.hidden, 1))
+            else:
+                self.linear = nn.Parameter(torch.zeros(num_layers, self.num_features))
+        self.enabled = True  # False: every block runs every token (the dense teacher)
+        self.calibrating = False  # True: each block sets its threshold to hit its target on the batch it sees
+        self.records: list[BlockRecord] | None = None  # collected while `recording()`
+        self._previous: tuple[int, torch.Tensor] | None = None
+
+    def routes(self, index: int) -> bool:
+        return self.enabled and bool(self.block_sparsity[index] > 0)
+
+    def dropped(self, index: int) -> bool:
+        return self.enabled and bool(self.block_sparsity[index] >= 1)
+
+    def remember(self, index: int, hidden: torch.Tensor) -> None:
+        """The input of block `index`, for the next block's relative-update feature."""
+        self._previous = (index, hidden.detach())
+
+    def score(self, index: int, hidden: torch.Tensor, normed: torch.Tensor,
+              position_ids: torch.Tensor) -> torch.Tensor:
+        """``[b, s]`` scores (float32) of the tokens ``hidden [b, s, H]`` (``normed``: after the block's input norm)
+        at ``position_ids [b or 1, s]``; a token runs the block when its score exceeds the threshold."""
+        positions = position_ids.expand(hidden.shape[0], -1).float()
+        target = self.block_sparsity[index]
+        if self.method == "static":
+            return torch.frac((positions + 1) * GOLDEN + index * 0.5) - target
+        if self.method == "random":
+            key = (position_ids.expand(hidden.shape[0], -1) * 2654435761 + index * 40503 + self.seed * 69069) % 2**31
+            return ((key * 1103515245 + 12345) % 2**31).float() / 2**31 - target
+        features = (self.features(index, hidden, normed, positions) - self.feature_mean[index]) \
+            / self.feature_std[index]
+        if hasattr(self, "mlp"):
+            return self.mlp(torch.cat([features, target.expand(*features.shape[:-1], 1)], -1)).squeeze(-1)
+        return features @ self.linear[index]
+
+    def features(self, index: int, hidden: torch.Tensor, normed: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """``[b, s, projections + 3]`` raw features (see the module docstring); no gradient reaches the LLM."""
+        hidden, normed = hidden.detach().float(), normed.detach().float()
+        norm = hidden.norm(dim=-1).clamp_min(1e-6)
+        update = torch.zeros_like(norm)
+        if self._previous is not None and self._previous[0] == index - 1 and \
+                self._previous[1].shape == hidden.shape:
+            previous = self._previous[1].float()
+            update = (hidden - previous).norm(dim=-1) / previous.norm(dim=-1).clamp_min(1e-6)
+        return torch.cat([normed @ self.projection[index].T, norm.log()[..., None],
+                          update[..., None], positions.log1p()[..., None]], -1)
+
+    def decide(self, index: int, hidden: torch.Tensor, normed: torch.Tensor,
+               position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keep [b, s] bool, soft gate [b, s])``; position 0 (the attention sink) always runs."""
+        score = self.score(index, hidden, normed, position_ids)
+        if self.calibrating:
+            with torch.no_grad():
+                self.threshold[index] = torch.quantile(score.detach().flatten().double(),
+                                                       self.block_sparsity[index].item()).float()
+        logit = score - self.threshold[index]
+        sink = position_ids.expand(hidden.shape[0], -1) == 0
+        keep = (logit > 0) | sink
+        return keep, torch.where(sink, torch.ones_like(logit), torch.sigmoid(logit))
+
+    def record(self, entry: BlockRecord) -> None:
+        if self.records is not None:
+            self.records.append(entry)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[BlockRecord]]:
+        """Collect every block's decisions while the scope lasts."""
+        self.records = []
+        try:
+            yield self.records
+        finally:
+            self.records = None
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Every block runs every token: the original model (the distillation teacher)."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
+
+    @contextlib.contextmanager
+    def calibrating_thresholds(self) -> Iterator[None]:
+        """Each block sets its threshold so that its target share of the batch's tokens skips, in block order, so
+        each sees the inputs the earlier routed blocks produce."""
+        self.calibrating = True
+        try:
+            yield
+        finally:
+            self.calibrating = False

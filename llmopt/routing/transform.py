@@ -1,0 +1,151 @@
+"""Token routing as one transform: allocate per-block sparsity → (learned) train routers → hold thresholds to target.
+
+The result is not vanilla: decoder layers become `RoutedLlamaDecoderLayer` (same weights, same names) and the
+router lives at ``model.model.token_router``, saved with the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from llmopt.arch.adapter import UnsupportedModelError, architecture
+from llmopt.config import ConfigError
+from llmopt.routing.allocation import (
+    block_influence,
+    block_sensitivity,
+    greedy_allocation,
+    shortgpt_blocks,
+    uniform_allocation,
+)
+from llmopt.routing.config import TokenRoutingConfig
+from llmopt.routing.flops import block_flops, skipped
+from llmopt.routing.layer import RoutedLlamaDecoderLayer
+from llmopt.routing.router import TokenRouter
+from llmopt.routing.train import achieved_sparsity, calibrate_thresholds, fit_feature_statistics, train_router
+from llmopt.transforms import CalibrationContext, Transform
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def install(model: nn.Module, config: TokenRoutingConfig) -> TokenRouter:
+    """Switch every decoder layer of `model` to the routed class in place and attach a fresh router (all blocks
+    dense until its buffers are set or loaded)."""
+    layers = model.model.layers
+    router = TokenRouter(config, len(layers), model.config.hidden_size).to(next(model.parameters()).device)
+    router.train(model.training)
+    model.model.token_router = router
+    for index, layer in enumerate(layers):
+        layer.__class__ = RoutedLlamaDecoderLayer
+        layer.layer_index = index
+        object.__setattr__(layer, "_token_router", router)  # shared, registered once: at model.model
+    return router
+
+
+def router_of(model: nn.Module) -> TokenRouter:
+    return model.model.token_router
+
+
+class TokenRouting(Transform):
+    def check(self, model: nn.Module, config: TokenRoutingConfig, context: CalibrationContext) -> None:
+        name = architecture(model)
+        layers = getattr(getattr(model, "model", None), "layers", [])
+        if name != "LlamaForCausalLM" or not all(type(layer) is LlamaDecoderLayer for layer in layers):
+            raise UnsupportedModelError(f"routing: only LlamaForCausalLM with transformers' LlamaDecoderLayer is "
+                                        f"supported (the routed layer reimplements its attention); got {name}")
+        implementation = model.config._attn_implementation
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"routing: attention implementation {implementation!r} is not supported; load the "
+                              f"model with attn_implementation in {ATTENTION_IMPLEMENTATIONS}")
+        too_large = [b for b in config.dense_blocks if b >= len(layers)]
+        if too_large:
+            raise ConfigError(f"routing.dense_blocks {too_large} are not blocks of this {len(layers)}-block model")
+        if self._needs_data(config):
+            self._windows(config, context)
+        if config.training is not None and config.method == "learned":
+            context.windows(config.training.seq_len, config.training.tokens)
+
+    @staticmethod
+    def _needs_data(config: TokenRoutingConfig) -> bool:
+        return config.method in ("learned", "shortgpt") or config.allocation == "search"
+
+    @staticmethod
+    def _windows(config: TokenRoutingConfig, context: CalibrationContext) -> torch.Tensor:
+        return context.windows(config.seq_len, config.calibration_tokens)
+
+    def calibrate(self, model: nn.Module, config: TokenRoutingConfig, context: CalibrationContext) -> dict:
+        router = install(model, config)
+        num_layers = len(router.threshold)
+        windows = self._windows(config, context) if self._needs_data(config) else None
+        share = block_flops(model.config).skipped_share(config.seq_len)
+        details: dict = {}
+        started = time.perf_counter()
+        blocks: dict[str, list] = {}
+        if config.method == "shortgpt":
+            with router.disabled():
+                influence = block_influence(model, windows)
+            sparsity = [0.0] * num_layers
+            for index in shortgpt_blocks(influence, config.sparsity, config.dense_blocks):
+                sparsity[index] = 1.0
+            blocks["block_influence"] = [round(v, 5) for v in influence.tolist()]
+        elif config.allocation == "search":
+            with router.disabled():
+                sensitivity = block_sensitivity(model, windows[:2], config.dense_blocks)
+            sparsity = greedy_allocation(sensitivity, config.sparsity, config.dense_blocks, share,
+                                         config.max_block_sparsity)
+            blocks["kl_at_30%"] = [None if v == float("inf") else round(v, 5) for v in sensitivity[:, 0].tolist()]
+        else:
+            sparsity = uniform_allocation(config.sparsity, num_layers, config.dense_blocks, share,
+                                          config.max_block_sparsity)
+        router.block_sparsity.copy_(torch.tensor(sparsity))
+        details["allocation_seconds"] = round(time.perf_counter() - started, 1)
+        if config.method == "learned":
+            layers = list(model.model.layers)
+            fit_feature_statistics(model, router, windows, layers)
+            calibrate_thresholds(model, router, windows)
+            context.observe("untrained", model)
+            training_windows = context.windows(config.training.seq_len, config.training.tokens)
+            details.update(train_router(model, router, training_windows, config.training))
+            calibrate_thresholds(model, router, windows)
+        if windows is not None:
+            blocks["achieved_sparsity"] = [round(v, 4) for v in achieved_sparsity(model, router, windows)]
+        blocks["target_sparsity"] = [round(v, 4) for v in sparsity]
+        details["blocks"] = blocks
+        if windows is not None:
+            details.update({f"calibration_{k}": round(v, 4) for k, v in self.cost(model, config, windows).items()})
+        return details
+
+    def apply(self, model: nn.Module, config: TokenRoutingConfig) -> None:
+        install(model, config)
+
+    def baselines(self, config: TokenRoutingConfig) -> dict[str, TokenRoutingConfig]:
+        return {"shortgpt": dataclasses.replace(config, method="shortgpt", training=None),
+                "static": dataclasses.replace(config, method="static", training=None),
+                "random": dataclasses.replace(config, method="random", training=None),
+                "uniform": dataclasses.replace(config, allocation="uniform")}
+
+    @torch.no_grad()
+    def cost(self, model: nn.Module, config: TokenRoutingConfig,
+             windows: torch.Tensor | None = None) -> dict[str, float]:
+        """``token_sparsity`` and ``flops_skipped`` measured on `windows` (routed run; attention cost by real
+        context length); without windows, the targets of the allocation."""
+        router = router_of(model)
+        num_layers = len(router.threshold)
+        dropped = [index for index in range(num_layers) if router.dropped(index)]
+        if windows is None:
+            return {"token_sparsity": router.block_sparsity.double().mean().item()}
+        device, was_training = router.threshold.device, model.training
+        model.eval()
+        try:
+            with router.recording() as records:
+                for window in windows:
+                    model(input_ids=window[None].to(device), use_cache=False)
+        finally:
+            model.train(was_training)
+        keeps = {index: torch.cat([r.keep.cpu() for r in records if r.index == index])
+                 for index in {r.index for r in records}}
+        return skipped(block_flops(model.config), num_layers, windows.shape[1], len(windows), keeps, dropped)
