@@ -118,9 +118,9 @@ def retrieval_scores(model, tokenizer, kind: str, length: int | None = None,
     depths = DEPTHS[:limit] if limit is not None else DEPTHS
     lengths = (length,) if length else LENGTHS
     scores = {}
-    for length, hits in retrieval_results(model, tokenizer, kind, lengths, depths).items():
+    for tokens, hits in retrieval_results(model, tokenizer, kind, lengths, depths).items():
         p = sum(hits) / len(hits)
-        scores[f"{kind}@{length}"] = Score(p, (p * (1 - p) / len(hits)) ** 0.5, f"{kind}_acc", chance=0.2,
+        scores[f"{kind}@{tokens}"] = Score(p, (p * (1 - p) / len(hits)) ** 0.5, f"{kind}_acc", chance=0.2,
                                            n=len(hits))
     return scores
 

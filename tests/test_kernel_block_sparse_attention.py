@@ -11,8 +11,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_interpreted
+
 from llmopt.triton_kernels.block_sparse_attention import kernel as compiled_kernel
 from llmopt.triton_kernels.block_sparse_attention import naive_block_sparse_attention
+from llmopt.triton_kernels.launch import interpreted as interpreted_kernel
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # of the output's max abs
 CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter gets bf16 silently wrong: bf16 only on a GPU
@@ -147,27 +150,12 @@ def interpreter_cases() -> dict[str, dict]:
     return cases
 
 
-RUN_INTERPRETED = r"""
-import sys, torch
-from llmopt.triton_kernels.block_sparse_attention import kernel
-kernel._FILL_NAN = True
-cases = torch.load(sys.argv[1])
-torch.save({name: kernel.block_sparse_attention(**call) for name, call in cases.items()}, sys.argv[2])
-"""
-
-
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> tuple[dict, dict]:
-    """(inputs, outputs) of every interpreter case, run in one worker process with TRITON_INTERPRET=1:
-    triton reads it when it is imported (its own tl functions are jitted then), not later in this process."""
-    folder = tmp_path_factory.mktemp("interpreter")
+    """(inputs, outputs) of every interpreter case, run in one worker process."""
     cases = interpreter_cases()
-    torch.save(cases, folder / "inputs.pt")
-    run = subprocess.run([sys.executable, "-c", RUN_INTERPRETED, folder / "inputs.pt", folder / "outputs.pt"],
-                         env=os.environ | {"TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                         timeout=600, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return cases, torch.load(folder / "outputs.pt")
+    return cases, run_interpreted("llmopt.triton_kernels.block_sparse_attention.kernel", "block_sparse_attention", cases,
+                                  tmp_path_factory.mktemp("interpreter"))
 
 
 def check_against_naive(interpreted: tuple[dict, dict], name: str) -> torch.Tensor:
@@ -223,7 +211,7 @@ def test_bad_arguments_raise_value_error(changes, message):
         compiled_kernel.block_sparse_attention(**arguments(**changes))
 
 
-@pytest.mark.skipif(compiled_kernel._INTERPRETED, reason="TRITON_INTERPRET is set for the whole run")
+@pytest.mark.skipif(interpreted_kernel(compiled_kernel._block_sparse_attention_kernel), reason="TRITON_INTERPRET is set for the whole run")
 def test_compiled_kernel_refuses_cpu_tensors():
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         compiled_kernel.block_sparse_attention(**arguments())

@@ -38,8 +38,12 @@ def gpu() -> str | None:
 
 
 def machine() -> dict:
-    """CPU model, cores, memory, GPU, OS, and the load average when asked (other processes share the cores)."""
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(), "gpu": gpu(),
+    """CPU model, cores, torch's threads, memory, GPU, OS, and the load average when asked (other processes share
+    the cores)."""
+    import torch
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "memory_gib": memory_gib(), "gpu": gpu(),
             "platform": platform.platform(), "python": platform.python_version(),
             "load_average_1min": round(os.getloadavg()[0], 2)}
 

@@ -51,7 +51,8 @@ def markdown(sections: list[SectionResult], header: dict) -> str:
     machine, versions = header["machine"], header["versions"]
     lines = [f"# llmopt bench{' (quick)' if header['quick'] else ''}", "",
              f"`{header['command']}` — {header['started']}, {header['seconds']:.0f} s", "",
-             f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB"
+             f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine.get('torch_threads', '?')} torch threads), "
+             f"{machine['memory_gib']} GiB"
              + (f", {machine['gpu']}" if machine["gpu"] else ", no GPU")
              + f"; load average {header['load_average'][0]} at start, {header['load_average'][1]} at end.",
              "Versions: " + ", ".join(f"{name} {value}" for name, value in versions.items() if value), ""]

@@ -4,12 +4,13 @@ One program per (query block, batch x head) runs an online softmax over the key 
 head; the loop bound is the selection count, so unselected blocks cost nothing.
 """
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from llmopt.triton_kernels.launch import check_devices, check_index, on_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK_SIZES = (16, 32, 64, 128)
@@ -67,15 +68,6 @@ def _block_sparse_attention_kernel(
              o.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
-_INTERPRETED = not isinstance(_block_sparse_attention_kernel, triton.runtime.JITFunction)
-
-
-def _check_index(name: str, index: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if index.dtype != torch.int32:
-        raise ValueError(f"{name} must be int32, got {index.dtype}")
-    if tuple(index.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(index.shape)}")
-
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
@@ -93,19 +85,6 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"queries are the last Lq of the Lk keys: Lq ({q_len}) cannot exceed Lk ({kv_len})")
     if not 16 <= head_dim <= 128:
         raise ValueError(f"head dim must be in [16, 128], got {head_dim}")
-
-
-def _check_devices(*tensors: torch.Tensor) -> None:
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if devices.pop().type != "cuda" and not _INTERPRETED:
-        raise ValueError("the Triton kernel needs CUDA tensors (on CPU: TRITON_INTERPRET=1 before importing)")
-
-
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it the inputs' one (layers spread over GPUs)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _launch_options(block: int, block_d: int, itemsize: int) -> dict[str, int]:
@@ -135,18 +114,19 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
         raise ValueError(f"block_size must be one of {_BLOCK_SIZES}, got {block_size}")
     (batch, heads, q_len, head_dim), (kv_heads, kv_len) = q.shape, k.shape[1:3]
     num_q_blocks, num_kv_blocks = triton.cdiv(q_len, block_size), triton.cdiv(kv_len, block_size)
-    _check_index("kv_num_blocks", kv_num_blocks, (batch, kv_heads, num_q_blocks))
-    _check_index("kv_indices", kv_indices, (batch, kv_heads, num_q_blocks, num_kv_blocks))
+    check_index("kv_num_blocks", kv_num_blocks, (batch, kv_heads, num_q_blocks))
+    check_index("kv_indices", kv_indices, (batch, kv_heads, num_q_blocks, num_kv_blocks))
     if kv_lens is not None:
-        _check_index("kv_lens", kv_lens, (batch,))
-    _check_devices(q, k, v, kv_num_blocks, kv_indices, *([] if kv_lens is None else [kv_lens]))
+        check_index("kv_lens", kv_lens, (batch,))
+    check_devices(_block_sparse_attention_kernel, q, k, v, kv_num_blocks, kv_indices,
+                  *([] if kv_lens is None else [kv_lens]))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if _FILL_NAN:
         o.fill_(math.nan)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     block_d = triton.next_power_of_2(head_dim)
-    with _on_device(q.device):
+    with on_device(q.device):
         _block_sparse_attention_kernel[(num_q_blocks, batch * heads)](
             q, k, v, o, kv_num_blocks.contiguous(), kv_indices.contiguous(), kv_lens,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

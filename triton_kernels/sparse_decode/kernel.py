@@ -5,12 +5,13 @@ of them) and runs an online softmax over the pages selected for the KV head; the
 count, so unselected pages are never read.
 """
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from llmopt.triton_kernels.launch import check_devices, check_index, on_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PAGE_SIZES = (16, 32, 64, 128)
@@ -69,15 +70,6 @@ def _sparse_decode_kernel(
              mask=q_mask)
 
 
-_INTERPRETED = not isinstance(_sparse_decode_kernel, triton.runtime.JITFunction)
-
-
-def _check_index(name: str, index: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if index.dtype != torch.int32:
-        raise ValueError(f"{name} must be int32, got {index.dtype}")
-    if tuple(index.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(index.shape)}")
-
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_size: int,
                  block_table: torch.Tensor | None) -> None:
@@ -106,24 +98,11 @@ def _check_selection(q: torch.Tensor, k_cache: torch.Tensor, page_indices: torch
                      page_counts: torch.Tensor, cache_seqlens: torch.Tensor,
                      block_table: torch.Tensor | None) -> None:
     batch, kv_heads = q.shape[0], k_cache.shape[1]
-    _check_index("page_indices", page_indices, (batch, kv_heads, page_indices.shape[-1]))
-    _check_index("page_counts", page_counts, (batch, kv_heads))
-    _check_index("cache_seqlens", cache_seqlens, (batch,))
+    check_index("page_indices", page_indices, (batch, kv_heads, page_indices.shape[-1]))
+    check_index("page_counts", page_counts, (batch, kv_heads))
+    check_index("cache_seqlens", cache_seqlens, (batch,))
     if block_table is not None:
-        _check_index("block_table", block_table, (batch, block_table.shape[-1]))
-
-
-def _check_devices(*tensors: torch.Tensor) -> None:
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if devices.pop().type != "cuda" and not _INTERPRETED:
-        raise ValueError("the Triton kernel needs CUDA tensors (on CPU: TRITON_INTERPRET=1 before importing)")
-
-
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it the inputs' one (layers spread over GPUs)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        check_index("block_table", block_table, (batch, block_table.shape[-1]))
 
 
 def _cache_strides(cache: torch.Tensor, page_size: int, paged: bool) -> tuple[int, int, int, int]:
@@ -150,7 +129,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """
     _check_cache(q, k_cache, v_cache, page_size, block_table)
     _check_selection(q, k_cache, page_indices, page_counts, cache_seqlens, block_table)
-    _check_devices(q, k_cache, v_cache, page_indices, page_counts, cache_seqlens,
+    check_devices(_sparse_decode_kernel, q, k_cache, v_cache, page_indices, page_counts, cache_seqlens,
                    *([] if block_table is None else [block_table]))
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -162,7 +141,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = heads // kv_heads
     block_g, block_d = max(16, triton.next_power_of_2(group)), triton.next_power_of_2(head_dim)
-    with _on_device(q.device):
+    with on_device(q.device):
         _sparse_decode_kernel[(batch * kv_heads,)](
             q, k_cache, v_cache, o, page_indices.contiguous(), page_counts.contiguous(),
             cache_seqlens.contiguous(), table, q.stride(0), q.stride(1), o.stride(0), o.stride(1),
