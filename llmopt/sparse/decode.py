@@ -53,7 +53,7 @@ def select_pages(q: torch.Tensor, summary: PageSummary, length: int, page_size: 
     qg = q.view(b, hkv, h // hkv, 1, d).float()
     bound = torch.maximum(qg * summary.low[:, :, None].float(), qg * summary.high[:, :, None].float())
     bound = bound.sum(-1).sum(2)  # [B, Hkv, P]
-    bound[..., 0] = math.inf  # the sink
+    bound[..., :1] = math.inf  # the sink (when a full page exists)
     chosen = bound.topk(min(pages + 1, summary.pages), dim=-1).indices
     tail = torch.arange(summary.pages, math.ceil(length / page_size), device=q.device)
     indices = torch.cat([chosen.sort(-1).values, tail.expand(b, hkv, -1)], -1).to(torch.int32)
