@@ -211,7 +211,8 @@ def test_bad_arguments_raise_value_error(changes, message):
         compiled_kernel.block_sparse_attention(**arguments(**changes))
 
 
-@pytest.mark.skipif(interpreted_kernel(compiled_kernel._block_sparse_attention_kernel), reason="TRITON_INTERPRET is set for the whole run")
+@pytest.mark.skipif(interpreted_kernel(compiled_kernel._block_sparse_attention_kernel),
+                    reason="TRITON_INTERPRET is set for the whole run")
 def test_compiled_kernel_refuses_cpu_tensors():
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         compiled_kernel.block_sparse_attention(**arguments())

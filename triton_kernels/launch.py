@@ -1,5 +1,5 @@
-"""What every kernel checks and sets up around a launch: int32 index tensors of the right shape, all inputs on
-one CUDA device (any device under the interpreter), and that device made current."""
+"""What every kernel checks and sets up around a launch: one supported dtype for its tensors, int32 index tensors
+of the right shape, all inputs on one CUDA device (any device under the interpreter), and that device current."""
 
 import contextlib
 
@@ -10,6 +10,16 @@ import triton
 def interpreted(kernel) -> bool:
     """Whether `kernel` runs under ``TRITON_INTERPRET=1`` (read by triton when it was imported)."""
     return not isinstance(kernel, triton.runtime.JITFunction)
+
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_dtypes(names: str, *tensors: torch.Tensor) -> None:
+    """`tensors` (called `names` in the message, e.g. "q, k, v") share one dtype of `DTYPES`."""
+    if tensors[0].dtype not in DTYPES or any(t.dtype != tensors[0].dtype for t in tensors):
+        raise ValueError(f"{names} must share one dtype of float16, bfloat16, float32; got "
+                         f"{', '.join(str(t.dtype) for t in tensors)}")
 
 
 def check_index(name: str, index: torch.Tensor, shape: tuple[int, ...]) -> None:

@@ -70,31 +70,14 @@ def capture_qkv(model, tokens: torch.Tensor, layers: list[int]) -> list[QKV]:
     return [captured[i] for i in layers]
 
 
-def sparse_decode_kernel(device: torch.device):
-    """fn(q ``[B, H, D]``, k, v ``[B, Hkv, L, D]``, page_indices, page_size) of the sparse decode on `device`."""
-    if device.type == "cuda":
-        from llmopt.triton_kernels.sparse_decode import sparse_decode_attention
-
-        def triton_decode(q, k, v, page_indices, page_size):
-            b, hkv = page_indices.shape[:2]
-            counts = torch.full((b, hkv), page_indices.shape[-1], dtype=torch.int32, device=q.device)
-            lengths = torch.full((b,), k.shape[2], dtype=torch.int32, device=q.device)
-            return sparse_decode_attention(q, k, v, page_indices, counts, page_size=page_size, cache_seqlens=lengths)
-
-        return triton_decode
-    from llmopt.sparse.decode import sparse_decode_torch
-
-    return sparse_decode_torch
-
-
 @torch.no_grad()
 def bench_decode(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
     """Seconds of `DECODE_STEPS` decode attentions (summed over layers): dense SDPA vs page selection + sparse
     decode; the density of the pages read."""
+    from llmopt.sparse.attention import page_sparse
     from llmopt.sparse.decode import select_pages, summarize
 
     page, device = config.block_size, qkv[0][0].device
-    kernel = sparse_decode_kernel(device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     steps = [(q[:, :, -1:], k, v, summarize(k[:, :, :-page], page, None)) for q, k, v in qkv]
 
@@ -107,9 +90,9 @@ def bench_decode(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
     def sparse():
         for _ in range(DECODE_STEPS):
             for q, k, v, earlier in steps:
-                indices, _ = select_pages(q[:, :, 0], summarize(k, page, earlier), k.shape[2], page,
-                                          config.decode_pages)
-                kernel(q[:, :, 0], k, v, indices, page)
+                indices, counts = select_pages(q[:, :, 0], summarize(k, page, earlier), k.shape[2], page,
+                                               config.decode_pages)
+                page_sparse(q[:, :, 0], k, v, indices, counts, page, None)
         synchronize()
 
     q, k, _, earlier = steps[0]
@@ -118,23 +101,17 @@ def bench_decode(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
             "density": indices.shape[-1] / -(-k.shape[2] // page)}
 
 
-def sparse_kernel(device: torch.device):
-    """(name, fn) of the sparse attention that runs on `device`: Triton on CUDA, PyTorch elsewhere."""
-    if device.type == "cuda":
-        from llmopt.triton_kernels.block_sparse_attention import block_sparse_attention
-
-        return "Triton", block_sparse_attention
-    from llmopt.sparse.torch_attention import sparse_attention_torch
-
-    return "PyTorch", sparse_attention_torch
+def kernel_name(device: torch.device) -> str:
+    """Which sparse implementation `llmopt.sparse.attention` dispatches to on `device`."""
+    return "Triton" if device.type == "cuda" else "PyTorch"
 
 
 @torch.no_grad()
 def bench_length(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
     """Seconds (summed over layers) of dense SDPA, selection, selection + sparse; density over the layers."""
+    from llmopt.sparse.attention import block_sparse
     from llmopt.sparse.selection import select_blocks
 
-    _, kernel = sparse_kernel(qkv[0][0].device)
     synchronize = torch.cuda.synchronize if qkv[0][0].is_cuda else (lambda: None)
 
     def dense():
@@ -150,7 +127,7 @@ def bench_length(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
     def sparse():
         for q, k, v in qkv:
             s = select_blocks(q, k, config)
-            kernel(q, k, v, s.kv_num_blocks, s.kv_indices, block_size=config.block_size)
+            block_sparse(q, k, v, s.kv_num_blocks, s.kv_indices, config.block_size, None)
         synchronize()
 
     selections = select()
@@ -170,8 +147,8 @@ def run(bench) -> SectionResult:
     model.to(device)
     layers = list(settings.sparse_layers)
     tokens = heldout_tokens(tokenizer, max(settings.sparse_lengths)).to(device)
-    kernel_name, _ = sparse_kernel(device)
-    result = SectionResult("sparse", f"Sparse attention ({kernel_name}, {device.type}) vs dense SDPA")
+    kernel = kernel_name(device)
+    result = SectionResult("sparse", f"Sparse attention ({kernel}, {device.type}) vs dense SDPA")
     measured, decoded = {}, {}
     for length in settings.sparse_lengths:
         bench.progress(f"sparse attention at {length} tokens")
@@ -187,7 +164,7 @@ def run(bench) -> SectionResult:
                                    Spread.of(d["sparse"]).scaled(1e3), ratio(d["dense"], d["sparse"]),
                                    bound=f"1/density {1 / d['density']:.2f}×"))
     for name in ("dense", "sparse"):
-        result.series.append(Series("speed_vs_context", f"attention of {len(layers)} layer(s): {name} ({kernel_name})",
+        result.series.append(Series("speed_vs_context", f"attention of {len(layers)} layer(s): {name} ({kernel})",
                                     list(measured), [n / statistics.median(measured[n][name]) for n in measured]))
     selection_share = {n: statistics.median(r["select"]) / statistics.median(r["sparse"]) for n, r in measured.items()}
     result.notes += [
@@ -203,6 +180,6 @@ def run(bench) -> SectionResult:
         result.notes.append(f"Decode keeps the first page, the {config.decode_pages} best-bounded pages of "
                             f"{config.block_size} keys and the newest page per KV head (Quest); its density is "
                             "the share of the cache's pages read.")
-    result.raw = {"config": vars(config), "layers": layers, "kernel": kernel_name, "lengths": measured,
+    result.raw = {"config": vars(config), "layers": layers, "kernel": kernel, "lengths": measured,
                   "decode": decoded}
     return result

@@ -75,6 +75,19 @@ def block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_block
     return sparse_attention_torch(q, k, v, kv_num_blocks, kv_indices, block_size=block_size, scale=scale), "torch"
 
 
+def page_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_indices: torch.Tensor,
+                page_counts: torch.Tensor, page_size: int, scale: float | None) -> tuple[torch.Tensor, str]:
+    """(o ``[B, H, D]``, backend) of one query per sequence over the selected pages of a contiguous cache
+    ``[B, Hkv, L, D]``: the Triton kernel on CUDA, the torch path elsewhere."""
+    if q.is_cuda:
+        from llmopt.triton_kernels.sparse_decode import sparse_decode_attention
+
+        lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+        return sparse_decode_attention(q, k, v, page_indices, page_counts, page_size=page_size,
+                                       cache_seqlens=lengths, scale=scale), "triton-decode"
+    return sparse_decode_torch(q, k, v, page_indices, page_size, scale), "torch-decode"
+
+
 def sparse_decode(module: nn.Module, state: SparseState, query: torch.Tensor, key: torch.Tensor,
                   value: torch.Tensor, scaling: float | None) -> torch.Tensor | None:
     """Output ``[B, 1, H, D]`` of a decode step over the selected pages, or None where they would be all pages."""
@@ -86,14 +99,7 @@ def sparse_decode(module: nn.Module, state: SparseState, query: torch.Tensor, ke
         return None
     q = query[:, :, 0]
     indices, counts = select_pages(q, summary, length, page, state.config.decode_pages)
-    if q.is_cuda:
-        from llmopt.triton_kernels.sparse_decode import sparse_decode_attention
-
-        lengths = torch.full((q.shape[0],), length, dtype=torch.int32, device=q.device)
-        output, backend = sparse_decode_attention(q, key, value, indices, counts, page_size=page,
-                                                  cache_seqlens=lengths, scale=scaling), "triton-decode"
-    else:
-        output, backend = sparse_decode_torch(q, key, value, indices, page, scaling), "torch-decode"
+    output, backend = page_sparse(q, key, value, indices, counts, page, scaling)
     state.stats.count(backend)
     state.stats.selected_pages += indices.numel()
     state.stats.cached_pages += indices.shape[0] * indices.shape[1] * cached

@@ -9,7 +9,8 @@ For a sparse model, each step's requests split in two:
   attention runs) and its queries, the last ones of the context, attend to the blocks llmopt's selector keeps
   (`sparse_chunk_attention`: the torch path). A prompt attended in one step is exactly the transformers model's
   sparse prefill; so is a chunked one, wherever chunks start on a sparse block boundary.
-- dense: decode steps and shorter prefills, through vLLM's C++ kernel over the other requests only.
+- dense: decode steps (also where the record sets `decode_pages`: sparse decode runs in transformers only, and a
+  warning says so) and shorter prefills, through vLLM's C++ kernel over the other requests only.
 
 Chunked prefill and prefix caching stay on: a later chunk, or the suffix after a cached prefix, attends to the
 earlier KV through the cache like any other.
@@ -86,6 +87,9 @@ class SparseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             logger.warning("llmopt sparse attention: the %s kernel's KV cache layout is not supported (only %s); "
                            "attention runs dense", self.isa, ", ".join(LAYOUT_ISAS))
             config = None
+        if config is not None and config.decode_pages:
+            logger.warning("llmopt sparse attention: the record asks for sparse decode (decode_pages=%d); in vLLM "
+                           "decode runs dense (only prefill is sparse here)", config.decode_pages)
         self.sparse = config
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,

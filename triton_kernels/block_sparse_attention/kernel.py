@@ -10,9 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmopt.triton_kernels.launch import check_devices, check_index, on_device
+from llmopt.triton_kernels.launch import check_devices, check_dtypes, check_index, on_device
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK_SIZES = (16, 32, 64, 128)
 _FILL_NAN = False  # tests set it so that an output element the kernel never writes shows up as NaN
 
@@ -73,9 +72,7 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"q must be [B, H, Lq, D] and k, v one [B, Hkv, Lk, D] shape; got q "
                          f"{list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, "
-                         f"{k.dtype}, {v.dtype}")
+    check_dtypes("q, k, v", q, k, v)
     (batch, heads, q_len, head_dim), (kv_batch, kv_heads, kv_len, kv_dim) = q.shape, k.shape
     if (kv_batch, kv_dim) != (batch, head_dim):
         raise ValueError(f"k, v must match q's batch and head dim: q {list(q.shape)}, k {list(k.shape)}")

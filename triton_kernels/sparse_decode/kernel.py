@@ -11,9 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmopt.triton_kernels.launch import check_devices, check_index, on_device
+from llmopt.triton_kernels.launch import check_devices, check_dtypes, check_index, on_device
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PAGE_SIZES = (16, 32, 64, 128)
 _FILL_NAN = False  # tests set it so that an output element the kernel never writes shows up as NaN
 _LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}  # one config: tiles are at most 128 x 128
@@ -77,9 +76,7 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q must be [B, H, D] and k_cache, v_cache one {layout} shape; got q "
                          f"{list(q.shape)}, k_cache {list(k_cache.shape)}, v_cache {list(v_cache.shape)}")
-    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q, k_cache, v_cache must share one dtype of float16, bfloat16, float32; got "
-                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    check_dtypes("q, k_cache, v_cache", q, k_cache, v_cache)
     (batch, heads, head_dim), (kv_heads, kv_dim) = q.shape, (k_cache.shape[1], k_cache.shape[3])
     if kv_dim != head_dim or (block_table is None and k_cache.shape[0] != batch):
         raise ValueError(f"a {layout} cache must match q's head dim (and batch when contiguous): "
