@@ -2,16 +2,12 @@
 reference on odd shapes (CPU interpreter here, a real GPU where there is one); argument errors; an sm_90
 compile check."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpreter import run_interpreted
+from triton_harness import H100_SHARED_BYTES, gpu_capability_at_least, run_interpreted, sm90_shared_memory
 
 from llmopt.triton_kernels.block_sparse_attention import kernel as compiled_kernel
 from llmopt.triton_kernels.block_sparse_attention import naive_block_sparse_attention
@@ -23,7 +19,6 @@ CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter gets bf16 silentl
 SHAPES = [(1, 4, 2, 200, 200, 60, 64), (1, 6, 1, 200, 200, 80, 32), (2, 4, 2, 72, 200, 64, 32),
           (1, 2, 2, 45, 45, 16, 16)]
 KV_LENS = torch.tensor([150, 71, 128], dtype=torch.int32)
-H100_SHARED_BYTES = 232448  # 227 KiB of opt-in shared memory per block on sm_90
 
 
 def qkv(batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int, dim: int, dtype: torch.dtype,
@@ -218,57 +213,24 @@ def test_compiled_kernel_refuses_cpu_tensors():
         compiled_kernel.block_sparse_attention(**arguments())
 
 
-COMPILE_SM90 = r"""
-import json, sys
-try:
-    import triton.backends.nvidia.compiler  # noqa: F401
-except ImportError as error:
-    print(json.dumps({"skip": f"triton's CUDA backend does not import: {error}"}))
-    sys.exit()
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from llmopt.triton_kernels.block_sparse_attention import kernel
-
-fn = kernel._block_sparse_attention_kernel
-pointers = {"num_blocks_ptr": "*i32", "indices_ptr": "*i32", "kv_lens_ptr": "*i32"}
-shared = {}
-for dtype, itemsize, has_kv_lens in json.loads(sys.argv[1]):
-    constexprs = {"GROUP": 4, "BLOCK": 128, "BLOCK_D": 128, "HAS_KV_LENS": has_kv_lens,
-                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    if not has_kv_lens:
-        constexprs["kv_lens_ptr"] = None  # what the launcher passes without kv_lens
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "*" + dtype)
-                 if name.endswith("_ptr") else "fp32" if name == "qk_scale" else "i32"
-                 for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options=kernel._launch_options(128, 128, itemsize))
-    shared[dtype + ("-kv_lens" if has_kv_lens else "")] = compiled.metadata.shared
-print(json.dumps({"shared": shared}))
-"""
-
-
 def test_kernel_compiles_for_sm90_within_shared_memory():
     """The largest tile (block 128, D 128) compiled for H100 without a GPU, with and without kv_lens: catches
     compile errors and a launch config that would overflow shared memory. fp32 has the largest tiles (one
     variant: it compiles slowly)."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    cases = [["fp16", 2, False], ["fp16", 2, True], ["bf16", 2, False], ["bf16", 2, True],
-             ["fp32", 4, False]]
-    run = subprocess.run([sys.executable, "-c", COMPILE_SM90, json.dumps(cases)],
-                         env=env | {"TRITON_DEFAULT_FP_FUSION": "1"}, capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    if "skip" in result:
-        pytest.skip(result["skip"])
-    assert set(result["shared"]) == {"fp16", "fp16-kv_lens", "bf16", "bf16-kv_lens", "fp32"}
-    assert all(0 < used <= H100_SHARED_BYTES for used in result["shared"].values()), result
-
-
-def gpu_capability_at_least(major: int) -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (major, 0)
+    variants = {}
+    for dtype, itemsize, has_kv_lens in [("fp16", 2, False), ("fp16", 2, True), ("bf16", 2, False),
+                                         ("bf16", 2, True), ("fp32", 4, False)]:
+        constexprs = {"GROUP": 4, "BLOCK": 128, "BLOCK_D": 128, "HAS_KV_LENS": has_kv_lens,
+                      "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+        if not has_kv_lens:
+            constexprs["kv_lens_ptr"] = None  # what the launcher passes without kv_lens
+        variants[dtype + ("-kv_lens" if has_kv_lens else "")] = {
+            "dtype": dtype, "constexprs": constexprs, "options": compiled_kernel._launch_options(128, 128, itemsize)}
+    shared = sm90_shared_memory("llmopt.triton_kernels.block_sparse_attention.kernel",
+                                "_block_sparse_attention_kernel",
+                                {"num_blocks_ptr": "*i32", "indices_ptr": "*i32", "kv_lens_ptr": "*i32"}, variants)
+    assert set(shared) == {"fp16", "fp16-kv_lens", "bf16", "bf16-kv_lens", "fp32"}
+    assert all(0 < used <= H100_SHARED_BYTES for used in shared.values()), shared
 
 
 @pytest.mark.gpu

@@ -2,16 +2,12 @@
 contiguous and paged caches (CPU interpreter here, a real GPU where there is one); argument errors; an sm_90
 compile check."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpreter import run_interpreted
+from triton_harness import H100_SHARED_BYTES, gpu_capability_at_least, run_interpreted, sm90_shared_memory
 
 from llmopt.triton_kernels.launch import interpreted as interpreted_kernel
 from llmopt.triton_kernels.sparse_decode import kernel as compiled_kernel
@@ -22,7 +18,6 @@ CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter gets bf16 silentl
 # (batch, heads, kv_heads, seqlens, dim, page_size): GQA 4:2 with D = 60, 6:1 with D = 80, partial last pages
 SHAPES = {"4:2": (3, 4, 2, [150, 37, 100], 60, 16), "6:1": (2, 6, 1, [200, 65], 80, 32)}
 GARBAGE = 1e4  # cache slots past a sequence: finite (the reference multiplies them by 0), loud if ever read
-H100_SHARED_BYTES = 232448  # 227 KiB of opt-in shared memory per block on sm_90
 
 
 def contiguous_case(batch: int, heads: int, kv_heads: int, seqlens: list[int], dim: int, page_size: int,
@@ -162,54 +157,23 @@ def test_compiled_kernel_refuses_cpu_tensors():
         compiled_kernel.sparse_decode_attention(**arguments())
 
 
-COMPILE_SM90 = r"""
-import json, sys
-try:
-    import triton.backends.nvidia.compiler  # noqa: F401
-except ImportError as error:
-    print(json.dumps({"skip": f"triton's CUDA backend does not import: {error}"}))
-    sys.exit()
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from llmopt.triton_kernels.sparse_decode import kernel
-
-fn = kernel._sparse_decode_kernel
-pointers = {"pages_ptr": "*i32", "counts_ptr": "*i32", "seqlens_ptr": "*i32", "table_ptr": "*i32"}
-shared = {}
-for dtype in json.loads(sys.argv[1]):
-    for paged in (False, True):
-        constexprs = {"GROUP": 8, "BLOCK_G": 16, "BLOCK_D": 128, "PAGE_SIZE": 128, "PAGED": paged,
-                      "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-        if not paged:
-            constexprs["table_ptr"] = None  # what the launcher passes for a contiguous cache
-        signature = {name: "constexpr" if name in constexprs else pointers.get(name, "*" + dtype)
-                     if name.endswith("_ptr") else "fp32" if name == "qk_scale" else "i32"
-                     for name in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options=kernel._LAUNCH_OPTIONS)
-        shared[dtype + ("-paged" if paged else "-contiguous")] = compiled.metadata.shared
-print(json.dumps({"shared": shared}))
-"""
-
-
 def test_kernel_compiles_for_sm90_within_shared_memory():
     """The largest tile (128-token pages, D 128, 8 query heads per KV head) compiled for H100 without a GPU,
     for both cache layouts: catches compile errors and a launch config that would overflow shared memory."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE_SM90, json.dumps(["fp16", "bf16", "fp32"])],
-                         env=env | {"TRITON_DEFAULT_FP_FUSION": "1"}, capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    if "skip" in result:
-        pytest.skip(result["skip"])
-    assert len(result["shared"]) == 6
-    assert all(0 < used <= H100_SHARED_BYTES for used in result["shared"].values()), result
-
-
-def gpu_capability_at_least(major: int) -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (major, 0)
+    variants = {}
+    for dtype in ("fp16", "bf16", "fp32"):
+        for paged in (False, True):
+            constexprs = {"GROUP": 8, "BLOCK_G": 16, "BLOCK_D": 128, "PAGE_SIZE": 128, "PAGED": paged,
+                          "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+            if not paged:
+                constexprs["table_ptr"] = None  # what the launcher passes for a contiguous cache
+            variants[dtype + ("-paged" if paged else "-contiguous")] = {
+                "dtype": dtype, "constexprs": constexprs, "options": compiled_kernel._LAUNCH_OPTIONS}
+    shared = sm90_shared_memory("llmopt.triton_kernels.sparse_decode.kernel", "_sparse_decode_kernel",
+                                {"pages_ptr": "*i32", "counts_ptr": "*i32", "seqlens_ptr": "*i32",
+                                 "table_ptr": "*i32"}, variants)
+    assert len(shared) == 6
+    assert all(0 < used <= H100_SHARED_BYTES for used in shared.values()), shared
 
 
 @pytest.mark.gpu
