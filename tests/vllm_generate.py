@@ -1,14 +1,17 @@
 """Greedy generation in vLLM: `python vllm_generate.py SPEC_JSON` prints one ``RESULT`` JSON line.
 
 SPEC: {"model": dir, "engine": {further vllm.LLM arguments}, "calls": [[prompt token ids, ...], ...],
-"max_tokens": n}. Each call is one `generate` on the same engine, in order (so later calls can hit the prefix
-cache). RESULT: per call and prompt the greedy tokens, their logprobs and the prompt tokens found in the prefix
-cache; and the CPU attention backend this process resolved. A script of its own because vLLM starts its workers
+"max_tokens": n, "routing_counts": bool}. Each call is one `generate` on the same engine, in order (so later calls
+can hit the prefix cache). RESULT: per call and prompt the greedy tokens, their logprobs and the prompt tokens found
+in the prefix cache; the CPU attention backend this process resolved; with routing_counts, a routed model's
+``{block: [tokens routed, tokens kept]}`` over all calls (read from the worker: needs
+VLLM_ALLOW_INSECURE_SERIALIZATION=1). A script of its own because vLLM starts its workers
 with spawn (the entry point needs `__main__`).
 """
 
 import json
 import sys
+from operator import methodcaller
 
 
 def main() -> None:
@@ -26,6 +29,8 @@ def main() -> None:
         result["logprobs"].append([[step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]
                                    for c in completions])
         result["cached"].append([output.num_cached_tokens for output in outputs])
+    if spec.get("routing_counts"):
+        result["routing_counts"] = llm.apply_model(methodcaller("routing_counts"))[0]
     print("RESULT" + json.dumps(result))
 
 

@@ -9,16 +9,23 @@ served exactly as by stock vLLM. ``VLLM_PLUGINS`` (comma-separated entry point n
 from __future__ import annotations
 
 CPU_ATTENTION = "llmopt.vllm_plugin.cpu_attention.SparseCPUAttentionBackend"
+ROUTED_ARCHITECTURE = "LlmoptLlamaForCausalLM"  # what a routed checkpoint's config.json names for vLLM
+MODELS = {ROUTED_ARCHITECTURE: "llmopt.vllm_plugin.routed_llama:LlmoptLlamaForCausalLM"}
 
 _registered = False
 
 
 def register() -> None:
-    """Install llmopt's attention backend in vLLM; idempotent, safe to call in every process."""
+    """Install llmopt's architectures and attention backend in vLLM; idempotent, safe to call in every process."""
     global _registered
     if _registered:
         return
+    from vllm import ModelRegistry
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    for architecture, model_class in MODELS.items():
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, model_class)
 
     # The CPU platform picks CPU_ATTN whatever backend is asked for, so llmopt's backend takes its place; it
     # runs vLLM's own kernel for every model and layer without a sparse record.

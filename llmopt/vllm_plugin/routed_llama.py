@@ -1,0 +1,100 @@
+"""llmopt's routed Llama in vLLM: vLLM's `LlamaForCausalLM` with a routed decoder layer and the checkpoint's router.
+
+The router (``model.token_router``, llmopt's `TokenRouter`, loaded from the checkpoint in float32) and its config
+(the llmopt record in config.json) are those of the transformers model. It scores vLLM's flat batch, prefill chunks
+and decode tokens of every request together: each feature is a function of one token, so the decisions do not
+depend on how the scheduler batches or chunks. In a routed block every token writes its K/V; only kept tokens run
+attention (`kept_attention`), o_proj and the MLP. q/k/v stay one fused GEMM over all tokens, since the skipped ones
+need their K/V anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+from llmopt.record import read_record
+from llmopt.routing.router import TokenRouter
+from llmopt.vllm_plugin.kept_attention import kept_attention, step_metadata, write_kv
+
+
+class RoutedDecoderLayer(LlamaDecoderLayer):
+    """vLLM's Llama layer asking the model's router which tokens run it. Returns ``(mlp_out, residual)`` as vLLM's
+    layers do (the next norm adds them): a skipped token's row is ``(0, its input)``."""
+
+    token_router: TokenRouter
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
+        super().__init__(vllm_config, prefix, config)
+        if not isinstance(self.self_attn.attn.impl, CPUAttentionBackendImpl):
+            raise NotImplementedError("llmopt: routed models run on vLLM's CPU attention backend only (got "
+                                      f"{type(self.self_attn.attn.impl).__name__})")
+        self.layer_index = extract_layer_index(prefix)
+        self.tokens_seen = 0  # tokens this block routed in real steps, and how many of them ran it
+        self.tokens_kept = 0
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions ``[T]``, hidden_states/residual ``[T, H]`` (the block's input is their sum)."""
+        router, index = self.token_router, self.layer_index
+        # a fresh tensor: vLLM's norms add the residual in place, and the router keeps this for the next block
+        x = hidden_states.clone() if residual is None else hidden_states + residual
+        if router.dropped(index):
+            output = torch.zeros_like(x), x
+        elif router.routes(index):
+            output = self._routed(positions, x)
+        else:
+            output = super().forward(positions, hidden_states, residual)
+        router.remember(index, x[None])
+        return output
+
+    def _routed(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = self.self_attn
+        normed = self.input_layernorm(x)
+        keep = self.token_router.decide(self.layer_index, x[None], normed[None], positions[None])[0][0]
+        metadata = step_metadata(attention.attn)
+        if metadata is not None:
+            keep[metadata.num_actual_tokens:] = False  # padding rows
+            self.tokens_seen += metadata.num_actual_tokens
+        rows = keep.nonzero().squeeze(1)
+        qkv, _ = attention.qkv_proj(normed)
+        q, k, v = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
+        attention.rotary_emb(positions, k)
+        if metadata is None:  # a dummy run (memory profiling): every token runs, attention is left out
+            rows = torch.arange(len(x), device=x.device)
+            attended = q.new_zeros(len(x), attention.q_size)
+        else:
+            write_kv(attention.attn, k, v)
+            self.tokens_kept += len(rows)
+            if len(rows) == 0:
+                return torch.zeros_like(x), x
+            q, _ = attention.rotary_emb(positions[rows], q[rows])
+            attended = kept_attention(attention.attn, metadata, q, rows, positions)
+        update, _ = attention.o_proj(attended)
+        mlp_in, kept = self.post_attention_layernorm(update, x[rows])
+        return torch.zeros_like(x).index_copy_(0, rows, self.mlp(mlp_in)), x.index_copy(0, rows, kept)
+
+
+class LlmoptLlamaForCausalLM(LlamaForCausalLM):
+    """vLLM's Llama with llmopt's token routing, built from the checkpoint's record and router weights."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=RoutedDecoderLayer)
+        config = vllm_config.model_config.hf_config
+        record = read_record(config)
+        routing = record.get("routing") if record is not None else None
+        if routing is None:
+            raise ValueError("llmopt: this checkpoint names LlmoptLlamaForCausalLM but its llmopt record has no "
+                             "routing; re-save it with llmopt")
+        router = TokenRouter(routing, config.num_hidden_layers, config.hidden_size).float().eval()
+        self.model.token_router = router
+        for layer in self.model.layers:
+            object.__setattr__(layer, "token_router", router)  # registered once, at model.token_router
+
+    def routing_counts(self) -> dict[int, tuple[int, int]]:
+        """Per routed block: (tokens routed, tokens that ran the block) over the steps served so far."""
+        return {layer.layer_index: (layer.tokens_seen, layer.tokens_kept) for layer in self.model.layers
+                if layer.tokens_seen}
