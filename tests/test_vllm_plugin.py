@@ -21,6 +21,8 @@ from tiny_models import tiny_model
 
 from llmopt.checkpoint import load_optimized, save_optimized
 from llmopt.cli import main
+from llmopt.config import OptimizationConfig
+from llmopt.kv.config import KVCompressionConfig
 from llmopt.patch import patch_model
 from llmopt.routing.config import RouterTrainingConfig, TokenRoutingConfig
 from llmopt.sparse.config import SparseAttentionConfig
@@ -171,8 +173,9 @@ def test_sparse_checkpoint_gives_the_greedy_tokens_of_the_sparse_model_in_transf
     assert result["cached"][1][0] >= 256, result["cached"]
 
 
-def routed_model(calibration: torch.Tensor):
-    return patch_model(tiny_model(**SHAPE), ROUTING, calibration=calibration)
+def routed_model(calibration: torch.Tensor, kv: KVCompressionConfig | None = None):
+    recipe = OptimizationConfig(routing=ROUTING, **({"kv": kv} if kv else {}))
+    return patch_model(tiny_model(**SHAPE), recipe, calibration=calibration)
 
 
 def test_routed_checkpoint_names_the_plugins_architecture_and_still_loads_in_transformers(tmp_path,
@@ -194,9 +197,11 @@ def test_routed_checkpoint_names_the_plugins_architecture_and_still_loads_in_tra
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.parametrize("kv", [None, KVCompressionConfig(num_kv_heads=1, method="mean-pool")],
+                         ids=["routing", "kv+routing"])
 def test_routed_checkpoint_gives_the_greedy_tokens_and_skips_of_the_routed_model_in_transformers(
-        tmp_path, prompts, token_windows_tiny):
-    routed = routed_model(token_windows_tiny)
+        tmp_path, prompts, token_windows_tiny, kv):
+    routed = routed_model(token_windows_tiny, kv)
     router = routed.model.token_router
     with router.recording() as records:
         expected = {name: greedy(routed, ids) for name, ids in prompts.items()}
