@@ -40,8 +40,9 @@ ROUTING = TokenRoutingConfig(sparsity=0.3, seq_len=64, calibration_tokens=512, t
     steps=2, seq_len=64, tokens=256, batch_size=2, warmup_steps=1, precision="float32"))
 
 
-def vllm_generate(model: Path, calls: list, plugins: str, max_tokens: int = 8, routing_counts: bool = False) -> dict:
-    spec = {"model": str(model), "engine": ENGINE, "calls": calls, "max_tokens": max_tokens,
+def vllm_generate(model: Path, calls: list, plugins: str, max_tokens: int = 8, routing_counts: bool = False,
+                  engine: dict | None = None) -> dict:
+    spec = {"model": str(model), "engine": {**ENGINE, **(engine or {})}, "calls": calls, "max_tokens": max_tokens,
             "routing_counts": routing_counts}
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_PLUGINS": plugins,
            "VLLM_ALLOW_INSECURE_SERIALIZATION": "1" if routing_counts else "0"}
@@ -197,10 +198,12 @@ def test_routed_checkpoint_names_the_plugins_architecture_and_still_loads_in_tra
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("kv", [None, KVCompressionConfig(num_kv_heads=1, method="mean-pool")],
-                         ids=["routing", "kv+routing"])
+@pytest.mark.parametrize("kv, eager", [(None, True), (KVCompressionConfig(num_kv_heads=1, method="mean-pool"), False)],
+                         ids=["routing", "kv+routing-default-mode"])
 def test_routed_checkpoint_gives_the_greedy_tokens_and_skips_of_the_routed_model_in_transformers(
-        tmp_path, prompts, token_windows_tiny, kv):
+        tmp_path, prompts, token_windows_tiny, kv, eager):
+    """Eager, and in vLLM's default mode (compilation on: the routed model stays eager, but vLLM's layers switch
+    to their native torch implementations, e.g. a rotary embedding that is not in place)."""
     routed = routed_model(token_windows_tiny, kv)
     router = routed.model.token_router
     with router.recording() as records:
@@ -217,7 +220,7 @@ def test_routed_checkpoint_gives_the_greedy_tokens_and_skips_of_the_routed_model
     # the long prompt alone, in two chunks (the second attends to the first's KV, skipped tokens' included); then
     # two prompts in one batch, decode steps and prefill chunks sharing steps
     result = vllm_generate(path, [[prompts["long"]], [prompts["long_b"], prompts["short"]]], "llmopt",
-                           routing_counts=True)
+                           routing_counts=True, engine={"enforce_eager": eager})
     assert result["tokens"] == [[expected["long"]], [expected["long_b"], expected["short"]]]
     # the rows vLLM ran through each routed block's attention and MLP: exactly those transformers kept
     assert result["routing_counts"] == counts

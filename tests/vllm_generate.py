@@ -1,6 +1,6 @@
 """Greedy generation in vLLM: `python vllm_generate.py SPEC_JSON` prints one ``RESULT`` JSON line.
 
-SPEC: {"model": dir, "engine": {further vllm.LLM arguments}, "calls": [[prompt token ids, ...], ...],
+SPEC: {"model": dir, "engine": {further vllm.LLM arguments; enforce_eager defaults to True}, "calls": [[prompt token ids, ...], ...],
 "max_tokens": n, "routing_counts": bool}. Each call is one `generate` on the same engine, in order (so later calls
 can hit the prefix cache). RESULT: per call and prompt the greedy tokens, their logprobs and the prompt tokens found
 in the prefix cache; the CPU attention backend this process resolved; with routing_counts, a routed model's
@@ -19,7 +19,7 @@ def main() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     spec = json.loads(sys.argv[1])
-    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, seed=0, **spec.get("engine", {}))
+    llm = LLM(model=spec["model"], dtype="float32", seed=0, **{"enforce_eager": True, **spec.get("engine", {})})
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), logprobs=0, detokenize=False)
     result = {"tokens": [], "logprobs": [], "cached": [], "backend": AttentionBackendEnum.CPU_ATTN.get_path()}
     for prompts in spec["calls"]:

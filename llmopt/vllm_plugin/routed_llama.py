@@ -5,14 +5,17 @@ The router (``model.token_router``, llmopt's `TokenRouter`, loaded from the chec
 and decode tokens of every request together: each feature is a function of one token, so the decisions do not
 depend on how the scheduler batches or chunks. In a routed block every token writes its K/V; only kept tokens run
 attention (`kept_attention`), o_proj and the MLP. q/k/v stay one fused GEMM over all tokens, since the skipped ones
-need their K/V anyway.
+need their K/V anyway. The model runs eagerly even where vLLM would compile it (data-dependent gathers, and the
+router carries each block's input to the next).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+from vllm.compilation.decorators import ignore_torch_compile
 from vllm.config import VllmConfig
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
@@ -62,7 +65,7 @@ class RoutedDecoderLayer(LlamaDecoderLayer):
         rows = keep.nonzero().squeeze(1)
         qkv, _ = attention.qkv_proj(normed)
         q, k, v = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
-        attention.rotary_emb(positions, k)
+        k, _ = attention.rotary_emb(positions, k)  # the keys alone: in place on CPU, a new tensor natively
         if metadata is None:  # a dummy run (memory profiling): every token runs, attention is left out
             rows = torch.arange(len(x), device=x.device)
             attended = q.new_zeros(len(x), attention.q_size)
@@ -76,6 +79,11 @@ class RoutedDecoderLayer(LlamaDecoderLayer):
         update, _ = attention.o_proj(attended)
         mlp_in, kept = self.post_attention_layernorm(update, x[rows])
         return torch.zeros_like(x).index_copy_(0, rows, self.mlp(mlp_in)), x.index_copy(0, rows, kept)
+
+
+@ignore_torch_compile
+class RoutedLlamaModel(LlamaModel):
+    """vLLM's `LlamaModel`, never compiled."""
 
 
 class LlmoptLlamaForCausalLM(LlamaForCausalLM):
@@ -93,6 +101,10 @@ class LlmoptLlamaForCausalLM(LlamaForCausalLM):
         self.model.token_router = router
         for layer in self.model.layers:
             object.__setattr__(layer, "token_router", router)  # registered once, at model.token_router
+
+    def _init_model(self, vllm_config: VllmConfig, prefix: str = "",
+                    layer_type: type[nn.Module] = RoutedDecoderLayer) -> RoutedLlamaModel:
+        return RoutedLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
     def routing_counts(self) -> dict[int, tuple[int, int]]:
         """Per routed block: (tokens routed, tokens that ran the block) over the steps served so far."""
