@@ -4,14 +4,17 @@ recipe's baselines (held-out perplexity, retention, costs: the same report as `l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from llmopt.checkpoint import save_optimized
 from llmopt.config import ConfigError, OptimizationConfig
 from llmopt.costs import model_costs
+from llmopt.offload import parse_max_memory, peak_resident_mib
 from llmopt.patch import diagnostics, patch_model
 from llmopt.transforms import transform_for
 
@@ -34,8 +37,7 @@ def recipe_baselines(config: OptimizationConfig, names: list[str]) -> dict[str, 
 def run_calibrate(args: argparse.Namespace) -> int:
     from llmopt.data.corpora import calibration_texts
     from llmopt.data.windows import read_texts
-    from llmopt.eval.report import Report
-    from llmopt.eval.suite import checked_tasks, evaluate_model, model_facts, run_facts
+    from llmopt.eval.suite import checked_tasks
     from llmopt.models import load_model
 
     config = OptimizationConfig.from_yaml(args.config)
@@ -46,26 +48,60 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval-windows must be at least 1, got {args.eval_windows}")
     baselines = recipe_baselines(config, args.baselines)
     tasks = checked_tasks(args.tasks)
+    max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
+    if max_memory and baselines:
+        raise ConfigError("--baselines with --max-memory would copy the model: measure baselines in a run of their own")
     texts = read_texts(args.calibration) if args.calibration else calibration_texts()
-    model, tokenizer = load_model(args.model)
+    with offload_folder(args) as folder:
+        model, tokenizer = load_model(args.model, max_memory=max_memory, offload_folder=folder)
+        return _calibrate_loaded(args, config, model, tokenizer, baselines, tasks, texts, out)
+
+
+@contextlib.contextmanager
+def offload_folder(args: argparse.Namespace) -> Iterator[str | None]:
+    """The folder offloaded weights go to: --offload-folder (new or empty), a temporary one with --max-memory
+    alone (removed after), or None."""
+    if args.offload_folder is not None:
+        if args.max_memory is None:
+            raise ConfigError("--offload-folder needs --max-memory (how much the weights may use in memory)")
+        folder = Path(args.offload_folder)
+        if folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(f"--offload-folder {folder} is not empty; give a new or empty folder")
+        yield str(folder)
+    elif args.max_memory is not None:
+        with tempfile.TemporaryDirectory(prefix="llmopt-offload-") as folder:
+            yield folder
+    else:
+        yield None
+
+
+def _calibrate_loaded(args: argparse.Namespace, config: OptimizationConfig, model, tokenizer, baselines: dict,
+                      tasks: list[str], texts: list[str], out: Path) -> int:
+    from llmopt.eval.report import Report
+    from llmopt.eval.suite import evaluate_model, model_facts, run_facts
+
     reference_kv = model_costs(model)["kv_bytes_per_token"]
     scores, facts = {}, {}
 
-    def measure(label: str, measured) -> None:
+    def measure(label: str, measured, stage_facts: dict | None = None) -> None:
         print(f"[llmopt calibrate] measuring {label}", file=sys.stderr, flush=True)
         scores[label] = evaluate_model(measured, tokenizer, tasks, limit=args.eval_windows)
         facts[label] = {"role": "reference" if label == ORIGINAL else "variant",
-                        **model_facts(measured, tokenizer, reference_kv)}
+                        **model_facts(measured, tokenizer, reference_kv), **(stage_facts or {})}
 
     measure(ORIGINAL, model)
     for name, baseline in baselines.items():
         measure(name, patch_model(copy.deepcopy(model), baseline, tokenizer=tokenizer, calibration=texts))
         facts[name]["role"] = "baseline"
     patch_model(model, config, tokenizer=tokenizer, calibration=texts,
-                observer=lambda stage, intermediate: measure(f"{OURS} ({stage})", intermediate))
+                observer=lambda stage, stage_model, stage_facts: measure(f"{OURS} ({stage})", stage_model,
+                                                                          stage_facts))
     measure(OURS, model)
-    report = Report(ORIGINAL, scores, facts, run={**run_facts(args.eval_windows), "model": args.model,
-                                                  "recipe": str(args.config)})
+    run = {**run_facts(args.eval_windows), "model": args.model, "recipe": str(args.config),
+           "peak_resident_mib": round(peak_resident_mib())}
+    if args.max_memory:
+        run["max_memory"] = args.max_memory
+    report = Report(ORIGINAL, scores, facts, run=run)
     details, files = describe_diagnostics(diagnostics(model))
     markdown = report.to_markdown() + details
     print(markdown)
@@ -76,7 +112,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     save_optimized(model, out, tokenizer, files=files,
                    report={"recipe": config.to_dict(), "retention": report.to_dict(),
                            "diagnostics": diagnostics(model)})
-    print(f"saved to {out}", file=sys.stderr)
+    print(f"saved to {out} (peak resident memory {peak_resident_mib():.0f} MiB)", file=sys.stderr)
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from llmopt.offload import is_offloaded
 from llmopt.patch import diagnostics
 from llmopt.record import ORIGINAL_ARCHITECTURES, RECORD_KEY, original_architectures, read_record
 from llmopt.transforms import transform_for
@@ -41,7 +42,8 @@ def save_optimized(model: nn.Module, out_dir: str | Path, tokenizer=None, *, rep
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
     try:
-        model.save_pretrained(tmp)
+        # An offloaded model is saved shard by shard, each loaded from the offload folder: keep shards small.
+        model.save_pretrained(tmp, **({"max_shard_size": "100MB"} if is_offloaded(model) else {}))
         _name_vllm_architecture(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--baselines", "--baseline", nargs="+", action="extend", default=[], metavar="NAME",
                            help="also build and measure baselines the recipe's transforms offer, by name "
                                 "(kv: mean-pool, svd-w, keep-one)")
+    calibrate.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...",
+                           help="calibrate a model larger than memory: at most this much per device for weights "
+                                "(e.g. cpu=300MiB or 0=20GiB,cpu=8GiB); the rest is offloaded to disk and each "
+                                "layer is brought in, transformed and written back in turn")
+    calibrate.add_argument("--offload-folder", default=None,
+                           help="where offloaded weights go with --max-memory (default: a temporary folder)")
     calibrate.set_defaults(run=_calibrate)
 
     evaluate = commands.add_parser("eval", help="accuracy retention against a reference model and baselines")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, ContextManager, Literal
 
 import torch
@@ -25,7 +25,9 @@ from llmopt.config import require, require_choice
 class DistillationConfig:
     """`steps` optimizer steps of `batch_size` windows of `seq_len` tokens, drawn in turn from `tokens` tokens of
     calibration text, stopping early after `minutes` if given (then the result depends on the machine: steps are
-    recorded). ``precision="bfloat16"``: forward and backward under bf16 autocast; weights stay float32."""
+    recorded). ``precision="bfloat16"``: forward and backward under bf16 autocast; weights stay float32.
+    ``report_minutes``: elapsed training minutes at which the caller measures the model (a quality-against-budget
+    curve from one run; the time spent measuring is not counted)."""
 
     steps: int = 200
     minutes: float | None = None
@@ -35,6 +37,7 @@ class DistillationConfig:
     batch_size: int = 4
     warmup_steps: int = 10
     precision: Literal["bfloat16", "float32"] = "bfloat16"
+    report_minutes: list[float] = field(default_factory=list)
 
     section: ClassVar[str] = "distillation"  # the name errors use; subclasses set their own
 
@@ -49,6 +52,8 @@ class DistillationConfig:
                 f"{where}.tokens ({self.tokens}) must hold at least one batch ({self.batch_size} × {self.seq_len})")
         require(self.warmup_steps >= 0, f"{where}.warmup_steps must be non-negative, got {self.warmup_steps}")
         require_choice(where, "precision", self.precision, ("bfloat16", "float32"))
+        require(all(m > 0 for m in self.report_minutes) and self.report_minutes == sorted(self.report_minutes),
+                f"{where}.report_minutes must be positive and ascending, got {self.report_minutes}")
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -85,11 +90,13 @@ def only_trainable(model: nn.Module, params: list[nn.Parameter]):
 def distill(model: nn.Module, params: list[nn.Parameter], teacher: Callable[[], ContextManager],
             windows: torch.Tensor, config: DistillationConfig,
             loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-            desc: str = "distillation") -> dict:
+            desc: str = "distillation", checkpoint: Callable[[float], None] | None = None) -> dict:
     """Train `params` so that `model` matches itself under `teacher()` on batches of ``windows [n, seq_len]``.
 
     `loss(model, student_logits, teacher_logits)` defaults to the KL divergence; a transform adds its own terms
-    (e.g. a sparsity penalty) by reading its modules' state. Returns ``{"steps", "tokens", "seconds", "curve"}``.
+    (e.g. a sparsity penalty) by reading its modules' state. `checkpoint(minutes)` is called, the model in eval
+    mode and the clock stopped, as training time passes each of `config.report_minutes`. Returns ``{"steps",
+    "tokens", "seconds", "curve", "minute_steps"}`` (the step count at each reported minute).
     """
     loss = loss or (lambda _model, student, target: kl_divergence(student, target))
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
@@ -98,12 +105,16 @@ def distill(model: nn.Module, params: list[nn.Parameter], teacher: Callable[[], 
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
     budget = None if config.minutes is None else config.minutes * 60
     curve: list[float] = []
-    started, was_training = time.perf_counter(), model.training
+    marks, minute_steps = list(config.report_minutes), {}
+    started, paused, was_training = time.perf_counter(), 0.0, model.training
     try:
         with only_trainable(model, params):
             bar = tqdm(range(config.steps), desc=desc, unit="step")
             for step in bar:
-                elapsed = time.perf_counter() - started
+                elapsed = time.perf_counter() - started - paused
+                while marks and elapsed >= marks[0] * 60:
+                    paused += _measure(model, checkpoint, marks[0])
+                    minute_steps[marks.pop(0)] = step
                 if budget is not None and elapsed > budget:
                     break
                 progress = max(step / config.steps, elapsed / budget if budget else 0.0)
@@ -126,4 +137,14 @@ def distill(model: nn.Module, params: list[nn.Parameter], teacher: Callable[[], 
     finally:
         model.train(was_training)
     return {"steps": len(curve), "tokens": len(curve) * config.batch_size * windows.shape[1],
-            "seconds": round(time.perf_counter() - started, 1), "curve": curve}
+            "seconds": round(time.perf_counter() - started - paused, 1), "curve": curve, "minute_steps": minute_steps}
+
+
+def _measure(model: nn.Module, checkpoint: Callable[[float], None] | None, minutes: float) -> float:
+    """Run `checkpoint(minutes)` on the model in eval mode; the seconds it took."""
+    started = time.perf_counter()
+    if checkpoint is not None:
+        model.eval()
+        checkpoint(minutes)
+        model.train()
+    return time.perf_counter() - started

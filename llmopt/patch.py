@@ -18,7 +18,7 @@ def patch_model(model: nn.Module, config: Any, *, tokenizer=None, calibration=No
     """Transform `model` in place as `config` says and return it; `generate()` works as before.
 
     `config`: an `OptimizationConfig` or one transform's config. `calibration`: texts (tokenized with
-    `tokenizer`) or token windows ``[n, seq_len]``. `observer(stage, model)` is called at named intermediate
+    `tokenizer`) or token windows ``[n, seq_len]``. `observer(stage, model, facts)` is called at named intermediate
     stages (e.g. ``"kv/training-free"``) so a caller can measure them. Every transform is found and checked
     before the first one runs. Diagnostics go to ``model.llmopt_diagnostics``; the record of what was done
     to ``model.config.llmopt`` (written into config.json by `save_optimized`).

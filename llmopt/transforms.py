@@ -20,7 +20,7 @@ import torch.nn as nn
 from llmopt.config import ConfigError
 
 ENTRY_POINT_GROUP = "llmopt.transforms"
-Observer = Callable[[str, nn.Module], None]
+Observer = Callable[[str, nn.Module, dict], None]  # (stage, model, facts about the stage)
 
 _CONFIGS: dict[str, type] = {}
 
@@ -81,10 +81,11 @@ class CalibrationContext:
 
         return calibration_windows(self.calibration, self.tokenizer, seq_len, tokens, minimum_tokens)
 
-    def observe(self, stage: str, model: nn.Module) -> None:
-        """Tell the caller the model has reached `stage`, so it can measure it; reported as ``<transform>/<stage>``."""
+    def observe(self, stage: str, model: nn.Module, **facts: float) -> None:
+        """Tell the caller the model has reached `stage`, so it can measure it; reported as ``<transform>/<stage>``
+        with `facts` (e.g. ``training_minutes``) beside its costs."""
         if self.observer is not None:
-            self.observer(f"{self.stage_prefix}{stage}", model)
+            self.observer(f"{self.stage_prefix}{stage}", model, facts)
 
 
 class Transform:

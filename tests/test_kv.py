@@ -1,5 +1,6 @@
 """KV-head compression on tiny models: exactness where exactness is possible, errors, records, reloads."""
 
+import copy
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from llmopt.config import ConfigError
 from llmopt.patch import diagnostics
 from llmopt.kv.solvers import pooling_fold
 from llmopt.models.default import mha_twin
+from llmopt.offload import parse_max_memory
 
 
 def logits(model, ids):
@@ -143,3 +145,41 @@ def test_a_rope_layout_that_cannot_be_folded_is_refused(monkeypatch):
     model = tiny_model()
     with pytest.raises(UnsupportedModelError, match="pairs RoPE dimensions as 'interleaved'"):
         patch_model(model, KVCompressionConfig(num_kv_heads=2, method="mean-pool"))
+
+
+@pytest.mark.parametrize("method", ["calibrated", "mean-pool"])
+def test_an_offloaded_model_is_folded_layer_by_layer_into_the_in_memory_result(tmp_path, token_windows_tiny, method):
+    source = tiny_model(num_hidden_layers=4)
+    source.save_pretrained(tmp_path / "source")
+    weights = (tmp_path / "source" / "model.safetensors").read_bytes()
+    config = KVCompressionConfig(num_kv_heads=1, method=method, calibration_tokens=1024, seq_len=64)
+    in_memory = patch_model(copy.deepcopy(source), config, calibration=token_windows_tiny)
+    budget = int(0.4 * sum(p.numel() * p.element_size() for p in source.parameters()))
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "source", device_map="auto",
+                                                     max_memory={"cpu": budget}, offload_folder=tmp_path / "offload")
+    assert "disk" in set(offloaded.hf_device_map.values())
+    patch_model(offloaded, config, calibration=token_windows_tiny)
+    assert any(p.device.type == "meta" for p in offloaded.parameters())  # written back, not kept in memory
+    torch.testing.assert_close(logits(offloaded, token_windows_tiny[:2]), logits(in_memory, token_windows_tiny[:2]))
+    saved = AutoModelForCausalLM.from_pretrained(save_optimized(offloaded, tmp_path / "out"))
+    expected = in_memory.state_dict()
+    assert saved.state_dict().keys() == expected.keys()
+    for name, tensor in saved.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], msg=name)
+    assert (tmp_path / "source" / "model.safetensors").read_bytes() == weights  # the user's model is only read
+
+
+def test_end_to_end_healing_of_an_offloaded_model_is_refused(tmp_path, token_windows_tiny):
+    tiny_model().save_pretrained(tmp_path / "source")
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "source", device_map="auto",
+                                                     max_memory={"cpu": 20_000}, offload_folder=tmp_path / "offload")
+    config = KVCompressionConfig(num_kv_heads=1, healing=HealingConfig(steps=2, seq_len=32, tokens=512))
+    with pytest.raises(ConfigError, match="needs it in memory"):
+        patch_model(offloaded, config, calibration=token_windows_tiny)
+
+
+def test_max_memory_is_parsed_or_refused_with_the_expected_form():
+    assert parse_max_memory("0=20GiB, cpu=300MiB") == {0: "20GiB", "cpu": "300MiB"}
+    for text in ("", "cpu", "cpu300MiB", "=1GiB"):
+        with pytest.raises(ValueError, match="cpu=300MiB"):
+            parse_max_memory(text)

@@ -7,6 +7,8 @@ with nothing to fold back.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -24,10 +26,10 @@ def trainable_parameters(model: nn.Module, adapter: ArchAdapter, which: str) -> 
 
 
 def heal_attention(model: nn.Module, config: HealingConfig, windows: torch.Tensor, adapter: ArchAdapter,
-                   original_attentions: list[nn.Module]) -> dict:
+                   original_attentions: list[nn.Module], checkpoint: Callable[[float], None] | None = None) -> dict:
     """Train the attention projections on batches of ``windows [n, seq_len]`` for `config.steps` steps (or
-    `config.minutes`); returns the KL curve, steps and tokens seen."""
+    `config.minutes`); returns the KL curve, steps and tokens seen. `checkpoint(minutes)`: see `distill`."""
     layers = list(adapter.decoder_layers(model))
     return distill(model, trainable_parameters(model, adapter, config.parameters),
                    lambda: swapped_submodules(layers, adapter.attention, original_attentions),
-                   windows, config, desc="healing")
+                   windows, config, desc="healing", checkpoint=checkpoint)

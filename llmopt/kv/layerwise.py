@@ -1,8 +1,8 @@
 """Sequential, layer-by-layer calibration over cached hidden states (the GPTQ / llm-compressor pipeline).
 
 Each layer is calibrated on the inputs that the already-compressed layers before it produce, so errors do
-not compound unseen; only one layer's activations are ever held, and offloaded models (accelerate's
-``device_map="auto"``) work because each layer moves its own weights when called.
+not compound unseen; only one layer's activations and weights are ever held: an offloaded model (accelerate's
+``device_map`` with ``max_memory``) has each layer brought into memory and written back in turn.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from llmopt.hooks import LayerInput, StopForward, first_layer_inputs, hooks, nex
 from llmopt.kv.fold import fold_attention
 from llmopt.kv.solvers import GroupFold, reconstruction_error
 from llmopt.kv.statistics import LayerStatistics, StatisticsCollector
+from llmopt.offload import onloaded
 
 
 def refit_output_projection(attention: nn.Module, o_proj: nn.Linear, calls: list[tuple[dict, torch.Tensor]],
@@ -78,17 +79,19 @@ def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: Attention
     check = first_layer_inputs(model, adapter, windows[len(windows) - held_out:], batch_size) if held_out else []
     reports = []
     for layer in tqdm(adapter.decoder_layers(model), desc="calibrating layers", unit="layer"):
-        attention = layer.get_submodule(adapter.attention)
-        calls: list[tuple[dict, torch.Tensor]] = []
-        fit_stats = _run_collecting(layer, attention, adapter, shape, groups, fit, calls if refit else None)
-        check_stats = _run_collecting(layer, attention, adapter, shape, groups, check) if check else fit_stats
-        fold = solve(attention, fit_stats)
-        key_error, value_error = reconstruction_error(fold, check_stats)
-        fold_attention(attention, adapter, fold, shape.num_heads, shape.num_kv_heads, shape.head_dim)
-        residual = refit_output_projection(attention, getattr(attention, adapter.o_proj), calls) if refit else None
-        del calls
-        reports.append(LayerReport(key_error, value_error, residual))
-        fit, check = next_layer_inputs(layer, fit), next_layer_inputs(layer, check)
+        with onloaded(layer):
+            attention = layer.get_submodule(adapter.attention)
+            calls: list[tuple[dict, torch.Tensor]] = []
+            fit_stats = _run_collecting(layer, attention, adapter, shape, groups, fit, calls if refit else None)
+            check_stats = _run_collecting(layer, attention, adapter, shape, groups, check) if check else fit_stats
+            fold = solve(attention, fit_stats)
+            key_error, value_error = reconstruction_error(fold, check_stats)
+            fold_attention(attention, adapter, fold, shape.num_heads, shape.num_kv_heads, shape.head_dim)
+            o_proj = getattr(attention, adapter.o_proj)
+            residual = refit_output_projection(attention, o_proj, calls) if refit else None
+            del calls
+            reports.append(LayerReport(key_error, value_error, residual))
+            fit, check = next_layer_inputs(layer, fit), next_layer_inputs(layer, check)
     return reports
 
 

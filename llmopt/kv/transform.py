@@ -13,13 +13,14 @@ import warnings
 import torch
 import torch.nn as nn
 
-from llmopt.arch import adapter_for, attention_shape
+from llmopt.arch import ArchAdapter, AttentionShape, adapter_for, attention_shape
 from llmopt.config import ConfigError
 from llmopt.kv.config import METHODS, KVCompressionConfig
 from llmopt.kv.fold import fold_attention
 from llmopt.kv.heal import heal_attention
 from llmopt.kv.layerwise import calibrate_layerwise
 from llmopt.kv.solvers import calibrated_fold, pooling_fold, weight_statistics
+from llmopt.offload import is_offloaded, onloaded
 from llmopt.transforms import CalibrationContext, Transform
 
 
@@ -40,14 +41,31 @@ def check_head_counts(num_heads: int, num_kv_heads: int, target: int, tensor_par
                       f"{tp // target} GPUs, so each GPU still caches one full head", stacklevel=4)
 
 
+def fold_without_data(attention: nn.Module, adapter: ArchAdapter, config: KVCompressionConfig, shape: AttentionShape,
+                      target: int) -> None:
+    """The baselines' folds: from the weights alone (svd-w) or by pooling the group's heads."""
+    if config.method == "svd-w":
+        stats = weight_statistics(getattr(attention, adapter.k_proj), getattr(attention, adapter.v_proj),
+                                  target, shape.head_dim, adapter)
+        fold = calibrated_fold(stats, None, shape.num_heads, shape.num_kv_heads, shape.head_dim,
+                               query_weighted=False, output_weighted=False)
+    else:
+        fold = pooling_fold(target, shape.num_kv_heads // target, shape.head_dim,
+                            keep_one=config.method == "keep-one")
+    fold_attention(attention, adapter, fold, shape.num_heads, shape.num_kv_heads, shape.head_dim)
+
+
 class KVCompression(Transform):
     vanilla = True
 
     def check(self, model: nn.Module, config: KVCompressionConfig, context: CalibrationContext) -> None:
         adapter_for(model)
-        if any(p.device.type == "meta" for p in model.parameters()):
-            raise NotImplementedError("the model has weights offloaded to disk (meta tensors): the fold rewrites "
-                                      "weights in place; load it onto devices that hold it (e.g. device_map=None)")
+        if is_offloaded(model) and config.healing is not None:
+            raise ConfigError("kv.healing distils the whole model end to end and needs it in memory, but this model "
+                              "is offloaded: drop kv.healing, or give it more memory (--max-memory)")
+        if not is_offloaded(model) and any(p.device.type == "meta" for p in model.parameters()):
+            raise ValueError("the model has weights on the meta device that no offload hook loads: load it with "
+                             "real weights, or offloaded with accelerate (device_map, max_memory, offload folder)")
         shape = attention_shape(model.config)
         target = config.target_kv_heads(shape.num_kv_heads)
         check_head_counts(shape.num_heads, shape.num_kv_heads, target, config.tensor_parallel_size)
@@ -83,20 +101,16 @@ class KVCompression(Transform):
                                         for r in reports] for name in ("key_error", "value_error", "refit_residual")}
         else:
             for attention in adapter.attention_modules(model):
-                if config.method == "svd-w":
-                    stats = weight_statistics(getattr(attention, adapter.k_proj),
-                                              getattr(attention, adapter.v_proj), target, shape.head_dim, adapter)
-                    fold = calibrated_fold(stats, None, shape.num_heads, shape.num_kv_heads, shape.head_dim,
-                                           query_weighted=False, output_weighted=False)
-                else:
-                    fold = pooling_fold(target, shape.num_kv_heads // target, shape.head_dim,
-                                        keep_one=config.method == "keep-one")
-                fold_attention(attention, adapter, fold, shape.num_heads, shape.num_kv_heads, shape.head_dim)
+                with onloaded(attention):
+                    fold_without_data(attention, adapter, config, shape, target)
         model.config.num_key_value_heads = target
         details["fold_seconds"] = round(time.perf_counter() - started, 1)
         if heal_windows is not None:
-            context.observe("training-free", model)
-            details["healing"] = heal_attention(model, config.healing, heal_windows, adapter, originals)
+            context.observe("training-free", model, training_minutes=0.0)
+            def checkpoint(minutes: float) -> None:
+                context.observe(f"healed {minutes:g} min", model, training_minutes=minutes)
+
+            details["healing"] = heal_attention(model, config.healing, heal_windows, adapter, originals, checkpoint)
         return details
 
     def apply(self, model: nn.Module, config: KVCompressionConfig) -> None:

@@ -27,13 +27,20 @@ def resolve_model(name_or_path: str) -> str:
     )
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device_map: str | None = None):
-    """Load ``(model, tokenizer)`` in eval mode. ``device_map="auto"`` offloads a model larger than memory."""
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device_map: str | None = None,
+               max_memory: dict[str | int, str] | None = None, offload_folder: str | Path | None = None):
+    """Load ``(model, tokenizer)`` in eval mode. With `max_memory` (e.g. ``{"cpu": "300MiB"}``) the weights that
+    do not fit are offloaded to `offload_folder` (accelerate, ``device_map="auto"``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(name_or_path)
+    if max_memory is not None:
+        if offload_folder is None:
+            raise ValueError("max_memory needs an offload_folder for the weights that do not fit")
+        device_map = device_map or "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                                     offload_folder=offload_folder)
     except (OSError, ValueError) as error:
         raise ValueError(f"could not load a causal LM from {source}: {error}") from error
     tokenizer = AutoTokenizer.from_pretrained(source)
