@@ -21,6 +21,8 @@ COSTS = {
     "token_sparsity": ("token sparsity", "{:.0%}"),
     "flops_skipped": ("FLOPs skipped", "{:.0%}"),
     "attention_density": ("attention density", "{:.0%}"),
+    "attention_density_by_layer": ("attention density by layer", "{}"),
+    "vertical_slash_heads": ("vertical-slash heads", "{:.0%}"),
 }
 
 

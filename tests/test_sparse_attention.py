@@ -1,6 +1,7 @@
 """Block-sparse attention: the torch path against dense masked attention, the selector's invariants, the model
 integration on a tiny Llama (generate, fallbacks, save/load), and one perplexity check on the real model."""
 
+import dataclasses
 import math
 import random
 
@@ -14,7 +15,7 @@ from llmopt.config import ConfigError
 from llmopt.patch import patch_model
 from llmopt.sparse.config import SparseAttentionConfig
 from llmopt.sparse.decode import select_pages, sparse_decode_torch, summarize
-from llmopt.sparse.selection import block_masks, select_blocks, to_indices
+from llmopt.sparse.selection import block_masks, crossed_blocks, select_blocks, to_indices
 from llmopt.sparse.torch_attention import sparse_attention_torch
 from llmopt.sparse.transform import SparseAttention
 
@@ -140,6 +141,61 @@ def test_density_falls_with_mass_and_mass_one_keeps_every_causal_block():
     assert densities == sorted(densities) and densities[0] < densities[-1] == 1.0
 
 
+@pytest.mark.parametrize("lq, lk, bs", [(64, 64, 16), (48, 100, 16), (96, 130, 32), (32, 77, 16)])
+def test_columns_and_diagonals_become_the_blocks_they_cross(lq, lk, bs):
+    generator = torch.Generator().manual_seed(lk)
+    columns, offsets = torch.rand(2, 1, 2, lk, generator=generator) < 0.04
+    positions = lk - lq + torch.arange(lq)
+    key = torch.arange(lk)
+    tokens = columns[..., None, :] | offsets[..., (positions[:, None] - key).clamp(min=0)]  # [1, 2, Lq, Lk]
+    tokens &= key <= positions[:, None]
+    expected = tokens.unflatten(2, (lq // bs, bs)).any(3)
+    expected = F.pad(expected, (0, -lk % bs)).unflatten(3, (-1, bs)).any(4)
+    causal, forced = block_masks(lq, lk, SparseAttentionConfig(block_size=bs), torch.device("cpu"))
+    crossed = crossed_blocks(columns, offsets, lq, bs) & causal
+    assert expected.any() and torch.equal(crossed | forced, expected | forced)
+
+
+def vertical_and_slash_qkv(length=160, slash=50, column=20):
+    """One-hot keys (head dim = length), so each query attends exactly the keys its query points at: KV head 0
+    attends key `column` and the key `slash` positions back (a vertical and a slash: the query rows of a block
+    attend different key blocks, which a few sampled rows misread); KV head 1 attends key `column` only (every row
+    alike, which the estimate reads right)."""
+    position = torch.arange(length)
+    k = torch.eye(length).expand(1, 2, length, length) * 30
+    q = torch.zeros(1, 2, length, length)
+    q[:, :, position >= column, column] = 30
+    earlier = position >= slash
+    q[0, 0, position[earlier], position[earlier] - slash] = 30
+    return q, k, torch.randn(1, 2, length, length, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_vertical_slash_head_takes_vertical_slash_and_a_well_estimated_head_block_top_mass():
+    q, k, v = vertical_and_slash_qkv()
+    config = SparseAttentionConfig(block_size=16, mass=0.95)
+    selection = select_blocks(q, k, config)
+    assert selection.vertical_slash.tolist() == [[True, False]]
+    block_only = select_blocks(q, k, dataclasses.replace(config, pattern_threshold=1.0))
+    assert not block_only.vertical_slash.any()
+    assert torch.equal(selection.kv_indices[0, 1], block_only.kv_indices[0, 1])  # head 1 unchanged
+    output = sparse_attention_torch(q, k, v, selection.kv_num_blocks, selection.kv_indices, block_size=16)
+    keep = torch.zeros(1, 2, 10, 10, dtype=torch.bool)
+    for h, j in torch.nonzero(torch.ones(2, 10)).tolist():
+        keep[0, h, j, selection.kv_indices[0, h, j, :selection.kv_num_blocks[0, h, j]].long()] = True
+    assert relative_error(output, dense_reference(q, k, v, keep, 16)) < TOLERANCE[torch.float32]
+    # the selection holds what each head attends: sparse equals dense attention, without every block
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert relative_error(output, dense) < 1e-4 and selection.density < 1.0
+
+
+def test_pattern_threshold_zero_makes_every_head_vertical_slash():
+    q, k, _ = peaked_qkv()
+    selection = select_blocks(q, k, SparseAttentionConfig(block_size=16, mass=0.5, pattern_threshold=0.0))
+    assert selection.vertical_slash.all()
+    with pytest.raises(ConfigError, match="sparse.pattern_threshold"):
+        SparseAttentionConfig(pattern_threshold=1.5)
+
+
 def test_config_is_validated():
     with pytest.raises(ConfigError, match="sparse.mass"):
         SparseAttentionConfig(mass=0.0)
@@ -187,8 +243,11 @@ def test_sparse_model_runs_sparse_on_long_prompts_and_dense_on_short_ones(prompt
     with torch.no_grad():
         model(prompt.repeat(2, 1), attention_mask=padded)
     assert stats.calls["dense"] == 6
+    assert list(stats.layer_densities) == [0, 1, 2] and stats.selected_heads == 3 * 4  # 4 KV heads per layer
     transform = SparseAttention()
-    assert 0.0 < transform.cost(model, TINY_SPARSE, prompt)["attention_density"] < 1.0
+    cost = transform.cost(model, TINY_SPARSE, prompt)
+    assert 0.0 < cost["attention_density"] < 1.0 and 0.0 <= cost["vertical_slash_heads"] <= 1.0
+    assert len(cost["attention_density_by_layer"].split()) == 3
     assert transform.baselines(TINY_SPARSE)["dense"].mass == 1.0
 
 

@@ -108,7 +108,8 @@ def kernel_name(device: torch.device) -> str:
 
 @torch.no_grad()
 def bench_length(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
-    """Seconds (summed over layers) of dense SDPA, selection, selection + sparse; density over the layers."""
+    """Seconds (summed over layers) of dense SDPA, selection, selection + sparse; density over the layers and
+    per layer; the share of KV heads whose selection took the vertical-slash pattern."""
     from llmopt.sparse.attention import block_sparse
     from llmopt.sparse.selection import select_blocks
 
@@ -133,7 +134,8 @@ def bench_length(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
     selections = select()
     density = sum(s.selected_blocks for s in selections) / sum(s.causal_blocks for s in selections)
     return {**timed_rounds({"dense": dense, "select": select, "sparse": sparse}, repeats, warmup),
-            "density": density}
+            "density": density, "layer_densities": [s.density for s in selections],
+            "vertical_slash": sum(float(s.vertical_slash.float().mean()) for s in selections) / len(selections)}
 
 
 def run(bench) -> SectionResult:
@@ -168,13 +170,18 @@ def run(bench) -> SectionResult:
                                     list(measured), [n / statistics.median(measured[n][name]) for n in measured]))
     selection_share = {n: statistics.median(r["select"]) / statistics.median(r["sparse"]) for n, r in measured.items()}
     result.notes += [
-        (f"mass {config.mass}, block {config.block_size}, layers {layers} of {bench.model} on held-out Wikipedia; "
-        f"ms summed over the layers, batch 1, {next(model.parameters()).dtype}."),
+        (f"mass {config.mass}, local blocks {config.local_blocks}, pattern threshold {config.pattern_threshold}, "
+        f"block {config.block_size}, layers {layers} of {bench.model} on held-out Wikipedia; ms summed over the "
+        f"layers, batch 1, {next(model.parameters()).dtype}."),
         ("Density is the share of causally possible key blocks the selector kept on this text; 1/density is the "
         "speed-up if attention time were proportional to the blocks computed and selection were free."),
         "Selection (estimating block attention from a few query rows per block) takes "
         + ", ".join(f"{share:.0%} at {n}" for n, share in selection_share.items())
         + " of the sparse path's time: the gap to 1/density.",
+        "Density per layer (" + ", ".join(map(str, layers)) + "): " + "; ".join(
+            f"{n}: " + " ".join(f"{d:.2f}" for d in r["layer_densities"]) for n, r in measured.items())
+        + ". KV heads on the vertical-slash pattern: "
+        + ", ".join(f"{r['vertical_slash']:.0%} at {n}" for n, r in measured.items()) + ".",
     ]
     if decoded:
         result.notes.append(f"Decode keeps the first page, the {config.decode_pages} best-bounded pages of "

@@ -18,7 +18,7 @@ from torch import nn
 
 from llmopt.sparse.config import SparseAttentionConfig
 from llmopt.sparse.decode import select_pages, sparse_decode_torch, summarize
-from llmopt.sparse.selection import select_blocks
+from llmopt.sparse.selection import BlockSelection, select_blocks
 from llmopt.sparse.torch_attention import sparse_attention_torch
 
 IMPLEMENTATION = "llmopt_sparse"
@@ -29,12 +29,16 @@ PAGES_ATTRIBUTE = "llmopt_sparse_pages"  # on each attention module: the key sum
 
 @dataclass
 class SparseStats:
-    """Attention calls per backend ("dense", "torch", "triton", "torch-decode", "triton-decode") and the blocks
-    (prefill) and pages (decode) the sparse calls kept."""
+    """Attention calls per backend ("dense", "torch", "triton", "torch-decode", "triton-decode"), the blocks
+    (prefill, also per layer) and pages (decode) the sparse calls kept, and how many KV heads' selections took
+    the vertical-slash pattern."""
 
     calls: dict[str, int] = field(default_factory=dict)
     selected_blocks: int = 0
     causal_blocks: int = 0
+    layer_blocks: dict[int, tuple[int, int]] = field(default_factory=dict)  # layer → (selected, causal) blocks
+    vertical_slash_heads: int = 0
+    selected_heads: int = 0
     selected_pages: int = 0
     cached_pages: int = 0
 
@@ -42,6 +46,11 @@ class SparseStats:
     def density(self) -> float | None:
         """Selected / causally possible blocks over the sparse prefill calls (None before any)."""
         return self.selected_blocks / self.causal_blocks if self.causal_blocks else None
+
+    @property
+    def layer_densities(self) -> dict[int, float]:
+        """Selected / causally possible blocks of each layer's sparse prefill calls."""
+        return {layer: selected / causal for layer, (selected, causal) in sorted(self.layer_blocks.items())}
 
     @property
     def decode_density(self) -> float | None:
@@ -53,7 +62,18 @@ class SparseStats:
 
     def reset(self) -> None:
         self.calls.clear()
+        self.layer_blocks.clear()
         self.selected_blocks = self.causal_blocks = self.selected_pages = self.cached_pages = 0
+        self.vertical_slash_heads = self.selected_heads = 0
+
+    def add(self, layer: int, selection: BlockSelection) -> None:
+        """Count one sparse prefill call's selection."""
+        self.selected_blocks += selection.selected_blocks
+        self.causal_blocks += selection.causal_blocks
+        selected, causal = self.layer_blocks.get(layer, (0, 0))
+        self.layer_blocks[layer] = (selected + selection.selected_blocks, causal + selection.causal_blocks)
+        self.vertical_slash_heads += int(selection.vertical_slash.sum())
+        self.selected_heads += selection.vertical_slash.numel()
 
 
 @dataclass
@@ -135,8 +155,7 @@ def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     output, backend = block_sparse(query, key, value, selection.kv_num_blocks, selection.kv_indices,
                                    state.config.block_size, scaling)
     state.stats.count(backend)
-    state.stats.selected_blocks += selection.selected_blocks
-    state.stats.causal_blocks += selection.causal_blocks
+    state.stats.add(getattr(module, "layer_idx", -1), selection)
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -11,10 +11,13 @@ from llmopt.config import require
 @dataclass
 class SparseAttentionConfig:
     """Block-sparse prefill attention: per KV head and query block, keep the key blocks holding `mass` of the
-    estimated attention, plus `sink_blocks` first blocks and `local_blocks` diagonal blocks; prompts shorter than
-    `min_seq_len` tokens run dense. Decode with `decode_pages` > 0 (Quest-style) attends, per KV head, the first
-    page, the `decode_pages` pages of `block_size` keys whose key bounds score highest and the newest page, once
-    the cache holds `min_seq_len` tokens; 0 keeps decode dense."""
+    estimated attention, plus `sink_blocks` first blocks and `local_blocks` diagonal blocks; a KV head whose
+    estimate of the last query block is further than `pattern_threshold` (Jensen-Shannon distance, 0 to 0.83)
+    from its exact attention keeps instead the key columns and diagonals holding `mass` (vertical-slash: 0 makes
+    every head vertical-slash, 1 none); prompts shorter than `min_seq_len` tokens run dense. Decode with
+    `decode_pages` > 0 (Quest-style) attends, per KV head, the first page, the `decode_pages` pages of
+    `block_size` keys whose key bounds score highest and the newest page, once the cache holds `min_seq_len`
+    tokens; 0 keeps decode dense."""
 
     name: ClassVar[str] = "sparse"
     stage: ClassVar[int] = 30
@@ -24,6 +27,7 @@ class SparseAttentionConfig:
     mass: float = 0.95
     sink_blocks: int = 1
     local_blocks: int = 1
+    pattern_threshold: float = 0.15
     min_seq_len: int = 1024
     decode_pages: int = 0
 
@@ -32,6 +36,8 @@ class SparseAttentionConfig:
         require(0.0 < self.mass <= 1.0, f"sparse.mass must be in (0, 1], got {self.mass}")
         require(self.sink_blocks >= 1, "sparse.sink_blocks must be at least 1 (the attention sink is always kept)")
         require(self.local_blocks >= 1, "sparse.local_blocks must be at least 1 (the diagonal is always kept)")
+        require(0.0 <= self.pattern_threshold <= 1.0,
+                f"sparse.pattern_threshold must be in [0, 1], got {self.pattern_threshold}")
         require(self.min_seq_len >= 2, f"sparse.min_seq_len must be at least 2, got {self.min_seq_len}")
         require(self.decode_pages >= 0, f"sparse.decode_pages must be 0 (dense decode) or more, got "
                                         f"{self.decode_pages}")

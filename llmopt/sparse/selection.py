@@ -1,4 +1,11 @@
-"""Query-aware adaptive block selection (FlexPrefill-style block top-mass, shared per GQA group).
+"""Query-aware adaptive block selection (FlexPrefill), shared per GQA group: per KV head, block top-mass or
+vertical-slash, whichever the estimate supports.
+
+Block top-mass keeps, per query block, the key blocks holding most of the block's estimated attention (a few
+exact query rows per block). Where that estimate misreads the last query block (its Jensen-Shannon distance to the
+block's exact attention exceeds `pattern_threshold`), the head's attention is not block-shaped; it then keeps the
+key columns and the diagonals (query - key offsets) that hold most of the last query block's exact attention,
+translated into the key blocks they cross in every query block (MInference's vertical-slash).
 
 Index format (FlexAttention's), per KV head: ``kv_num_blocks [B, Hkv, Qb]`` and ``kv_indices [B, Hkv, Qb, Kb]``
 (int32; the first ``kv_num_blocks`` entries are the selected key blocks, ascending). Blocks are square, of
@@ -28,6 +35,7 @@ class BlockSelection:
     density: float
     selected_blocks: int
     causal_blocks: int
+    vertical_slash: torch.Tensor  # [B, Hkv] bool: which selections took the vertical-slash pattern
 
 
 def query_positions(lq: int, lk: int, block_size: int, device: torch.device) -> torch.Tensor:
@@ -66,18 +74,21 @@ def estimate_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, 
     stride = bs // min(rows, bs)
     kb, qb = math.ceil(lk / bs), math.ceil(lq / bs)
     scale = d ** -0.5 if scale is None else scale
-    keys = F.pad(k, (0, 0, 0, kb * bs - lk)).float().transpose(-1, -2)  # [B, Hkv, D, Kb·bs]
-    # the last block is padded with copies of the last query, so every sampled row is a real query
-    sampled = F.pad(q, (0, 0, 0, qb * bs - lq), mode="replicate").view(b, hkv, -1, qb, bs, d)
-    sampled = sampled[:, :, :, :, stride - 1::stride].float() * scale  # [B, Hkv, G, Qb, rows, D]
+    # bf16 scores: half of fp32's time on CPUs with bf16 units, far finer than the sampling error; keys laid out
+    # [D, Kb·bs] so that every chunk's matmul reads them in place
+    keys = F.pad(k, (0, 0, 0, kb * bs - lk)).to(torch.bfloat16).transpose(-1, -2).contiguous()
+    # the last block's rows past Lq are the last query, so every sampled row is a real query
+    sampled = torch.arange(stride - 1, qb * bs, stride, device=q.device).clamp(max=lq - 1)
+    sampled = (q.index_select(2, sampled).float() * scale).to(torch.bfloat16).view(b, hkv, h // hkv, -1, d)
     positions = query_positions(lq, lk, bs, q.device)[:, stride - 1::stride].clamp(max=lk - 1)  # [Qb, rows]
-    chunk = max(1, ESTIMATE_BUDGET // (h * sampled.shape[4] * kb * bs))
+    per_block = positions.shape[1]
+    chunk = max(1, ESTIMATE_BUDGET // (h * per_block * kb * bs))
     estimates = []
     for start in range(0, qb, chunk):
         stop = min(start + chunk, qb)
         seen = (int(positions[stop - 1, -1]) // bs + 1) * bs  # key blocks this chunk can see: skip the rest
-        scores = sampled[:, :, :, start:stop].flatten(2, 4) @ keys[..., :seen]  # [B, Hkv, G·c·rows, seen]
-        scores = scores.view(b, hkv, h // hkv, stop - start, -1, seen)
+        scores = sampled[:, :, :, start * per_block:stop * per_block].flatten(2, 3) @ keys[..., :seen]
+        scores = scores.float().view(b, hkv, h // hkv, stop - start, per_block, seen)
         tail = int(positions[start, 0]) + 1  # only the keys past the chunk's first query can be hidden
         hidden = torch.arange(tail, seen, device=q.device) > positions[start:stop, :, None]
         scores[..., tail:].masked_fill_(hidden, float("-inf"))
@@ -102,20 +113,81 @@ def to_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return keep.sum(-1, dtype=torch.int32), order.to(torch.int32)
 
 
+def last_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int,
+                         scale: float | None = None) -> torch.Tensor:
+    """Exact causal attention of the last query block's queries, ``[B, Hkv, G, R, Lk]`` (R of them, rows sum
+    to 1). q: ``[B, H, Lq, D]``; k: ``[B, Hkv, Lk, D]``."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    rows = lq - (math.ceil(lq / block_size) - 1) * block_size
+    scale = d ** -0.5 if scale is None else scale
+    last = q[:, :, lq - rows:].float().reshape(b, hkv, h // hkv * rows, d) * scale
+    scores = (last @ k.float().transpose(-1, -2)).view(b, hkv, h // hkv, rows, lk)
+    hidden = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)  # among the last R keys only
+    scores[..., lk - rows:].masked_fill_(hidden, float("-inf"))
+    return scores.softmax(-1)
+
+
+def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon distance (natural log: 0 to sqrt(ln 2)) between distributions along the last axis."""
+    m = (p + q) / 2
+    divergence = (torch.xlogy(p, p) - torch.xlogy(p, m) + torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1) / 2
+    return divergence.clamp(min=0).sqrt()
+
+
+def crossed_blocks(columns: torch.Tensor, offsets: torch.Tensor, lq: int, block_size: int) -> torch.Tensor:
+    """``[B, Hkv, Qb, Kb]`` bool: per query block, the key blocks that hold a selected key column or that a
+    selected query - key offset (diagonal) crosses, causal or not. columns, offsets: ``[B, Hkv, Lk]`` bool."""
+    lk, bs = columns.shape[-1], block_size
+    kb = math.ceil(lk / bs)
+    column_blocks = F.pad(columns, (0, kb * bs - lk)).view(*columns.shape[:2], kb, bs).any(-1)
+    # offset o crosses, in each query block, the key blocks (o - e) // bs and (o - e + bs - 1) // bs before the one
+    # holding the block's first query, e being that query's place in its key block (a negative: that block)
+    crossed = torch.zeros(*columns.shape[:2], kb + 1, device=columns.device)
+    for shift in (0, bs - 1):
+        distance = ((torch.arange(lk, device=columns.device) - (lk - lq) % bs + shift) // bs).clamp(0, kb)
+        crossed.scatter_add_(-1, distance.expand_as(offsets), offsets.float())
+    query_block = (lk - lq) // bs + torch.arange(math.ceil(lq / bs), device=columns.device)
+    distance = (query_block[:, None] - torch.arange(kb, device=columns.device)).clamp(0, kb)  # [Qb, Kb]
+    return column_blocks[:, :, None, :] | (crossed > 0)[:, :, distance]
+
+
+def vertical_slash(attention: torch.Tensor, lq: int, mass: float, block_size: int) -> torch.Tensor:
+    """``[B, Hkv, Qb, Kb]`` bool: the key blocks crossed by the fewest key columns (verticals) and the fewest
+    query - key offsets (slashes) holding `mass` each of the last query block's `attention` ``[B, Hkv, G, R,
+    Lk]``."""
+    rows, lk = attention.shape[3], attention.shape[4]
+    columns = attention.sum((2, 3))  # [B, Hkv, Lk]
+    keys = torch.arange(lk - rows, lk, device=attention.device)[:, None] - torch.arange(lk, device=attention.device)
+    diagonals = attention.gather(-1, keys.clamp(min=0).expand_as(attention)).masked_fill_(keys < 0, 0).sum((2, 3))
+    nothing = torch.zeros_like(columns, dtype=torch.bool)
+    return crossed_blocks(top_mass(columns / columns.sum(-1, keepdim=True), nothing, mass),
+                          top_mass(diagonals / diagonals.sum(-1, keepdim=True), nothing, mass), lq, block_size)
+
+
 def select_blocks(q: torch.Tensor, k: torch.Tensor, config: SparseAttentionConfig,
                   scale: float | None = None) -> BlockSelection:
-    """Per KV head and query block, the fewest key blocks holding `config.mass` of the estimated attention,
-    averaged over the query heads of the group, plus the sink and the diagonal band.
+    """Per KV head and query block, the fewest key blocks holding `config.mass` of the attention, averaged over
+    the query heads of the group, plus the sink and the diagonal band; block top-mass or vertical-slash per KV
+    head, as the estimate of the last query block matches its exact attention or not (`pattern_threshold`).
 
     q: ``[B, H, Lq, D]``; k: ``[B, Hkv, Lk, D]`` (post-RoPE). mass 1.0 keeps every causal block.
     """
     b, hkv, lq, lk = q.shape[0], k.shape[1], q.shape[2], k.shape[2]
     causal, forced = block_masks(lq, lk, config, q.device)
+    misread = torch.zeros(b, hkv, dtype=torch.bool, device=q.device)
     if config.mass >= 1.0:
         keep = causal.expand(b, hkv, *causal.shape)
     else:
-        probabilities = estimate_block_attention(q, k, config.block_size, scale)
-        keep = top_mass(probabilities.mean(2), forced, config.mass) & causal
+        probabilities = estimate_block_attention(q, k, config.block_size, scale).mean(2)  # [B, Hkv, Qb, Kb]
+        keep = top_mass(probabilities, forced, config.mass) & causal
+        attention = last_block_attention(q, k, config.block_size, scale)
+        kb = causal.shape[1]
+        exact = F.pad(attention.mean((2, 3)), (0, kb * config.block_size - lk)).view(b, hkv, kb, -1).sum(-1)
+        misread = js_distance(probabilities[:, :, -1], exact) > config.pattern_threshold  # [B, Hkv]
+        if misread.any():
+            pattern = vertical_slash(attention, lq, config.mass, config.block_size) & causal | forced
+            keep = torch.where(misread[..., None, None], pattern, keep)
     kv_num_blocks, kv_indices = to_indices(keep)
     selected, possible = int(kv_num_blocks.sum()), int(causal.sum()) * b * hkv
-    return BlockSelection(kv_num_blocks, kv_indices, selected / possible, selected, possible)
+    return BlockSelection(kv_num_blocks, kv_indices, selected / possible, selected, possible, misread)

@@ -45,9 +45,11 @@ class SparseAttention(Transform):
         return {"dense": dataclasses.replace(config, mass=1.0, decode_pages=0)}
 
     def cost(self, model: nn.Module, config: SparseAttentionConfig,
-             windows: torch.Tensor | None = None) -> dict[str, float]:
+             windows: torch.Tensor | None = None) -> dict[str, float | str]:
         """``attention_density``: kept / causally possible blocks of the sparse calls, measured on `windows`
-        when they are long enough to be sparse, else from the calls seen so far (1.0 if none was sparse)."""
+        when they are long enough to be sparse, else from the calls seen so far (1.0 if none was sparse); with
+        sparse calls, also per layer (``attention_density_by_layer``, layer 0 first) and the share of KV heads
+        whose selection took the vertical-slash pattern (``vertical_slash_heads``)."""
         stats = getattr(model, STATS_ATTRIBUTE)
         if windows is not None and windows.shape[-1] >= config.min_seq_len:
             stats.reset()
@@ -55,4 +57,8 @@ class SparseAttention(Transform):
             with torch.no_grad():
                 for window in windows:
                     model(window[None].to(device))
-        return {"attention_density": stats.density if stats.density is not None else 1.0}
+        if stats.density is None:
+            return {"attention_density": 1.0}
+        return {"attention_density": stats.density,
+                "attention_density_by_layer": " ".join(f"{d:.2f}" for d in stats.layer_densities.values()),
+                "vertical_slash_heads": stats.vertical_slash_heads / stats.selected_heads}
