@@ -2,7 +2,7 @@
 
 from llmopt.checkpoint import load_optimized, save_optimized
 from llmopt.config import OptimizationConfig
-from llmopt.kv.config import HealingConfig, KVCompressionConfig
+from llmopt.kv.config import HealingConfig, KVCompressionConfig, LayerHealingConfig
 from llmopt.paths import cache_dir
 from llmopt.patch import patch_model
 from llmopt.routing.config import TokenRoutingConfig
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HealingConfig",
     "KVCompressionConfig",
+    "LayerHealingConfig",
     "OptimizationConfig",
     "SparseAttentionConfig",
     "TokenRoutingConfig",

@@ -25,6 +25,21 @@ class HealingConfig(DistillationConfig):
 
 
 @dataclass
+class LayerHealingConfig:
+    """Layer-wise healing during the fold (`llmopt.kv.layer_healing`): `epochs` passes of Adam at
+    `learning_rate` over the fold's calibration windows, per layer, training its attention projections."""
+
+    epochs: int = 2
+    learning_rate: float = 2e-4
+    precision: Literal["bfloat16", "float32"] = "bfloat16"
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, f"layer_healing.epochs must be at least 1, got {self.epochs}")
+        require(self.learning_rate > 0, f"layer_healing.learning_rate must be positive, got {self.learning_rate}")
+        require_choice("layer_healing", "precision", self.precision, ("bfloat16", "float32"))
+
+
+@dataclass
 class KVCompressionConfig:
     """Merge groups of KV heads into fewer heads (MHA/GQA → GQA), folded into the weights.
 
@@ -32,7 +47,9 @@ class KVCompressionConfig:
     ``method``: "calibrated" (ours: RoPE-exact complex keys, PCA values, fitted on activations) or a baseline:
     "mean-pool" (average the group's weights, the GQA paper's init), "svd-w" (SVD of the weights, no data),
     "keep-one" (keep the first head of each group). ``refit_o_proj`` (calibrated only): refit each o_proj by
-    least squares to the original attention output. ``healing``: distillation after the fold.
+    least squares to the original attention output. ``layer_healing`` (calibrated only): train each folded layer
+    toward the original layer's output, also where the model is offloaded. ``healing``: end-to-end distillation
+    after the fold (the model must fit in memory).
     """
 
     name: ClassVar[str] = "kv"
@@ -48,6 +65,7 @@ class KVCompressionConfig:
     calibration_tokens: int = 16384
     seq_len: int = 512
     tensor_parallel_size: int = 1
+    layer_healing: LayerHealingConfig | None = None
     healing: HealingConfig | None = None
 
     def __post_init__(self) -> None:
@@ -62,6 +80,8 @@ class KVCompressionConfig:
         require(self.calibration_tokens >= self.seq_len,
                 f"kv.calibration_tokens ({self.calibration_tokens}) must be at least kv.seq_len ({self.seq_len})")
         require(self.tensor_parallel_size >= 1, "kv.tensor_parallel_size must be at least 1")
+        require(self.layer_healing is None or self.method == "calibrated",
+                "kv.layer_healing runs inside the calibrated fold: set method: calibrated or drop layer_healing")
 
     def target_kv_heads(self, num_kv_heads: int) -> int:
         """The KV head count after compression, for a layer that has `num_kv_heads` today."""

@@ -7,6 +7,7 @@ not compound unseen; only one layer's activations and weights are ever held: an 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,7 +17,9 @@ from tqdm.auto import tqdm
 
 from llmopt.arch import ArchAdapter, AttentionShape
 from llmopt.hooks import LayerInput, StopForward, first_layer_inputs, hooks, next_layer_inputs, run_until_stopped
+from llmopt.kv.config import LayerHealingConfig
 from llmopt.kv.fold import fold_attention
+from llmopt.kv.layer_healing import heal_layer
 from llmopt.kv.solvers import GroupFold, reconstruction_error
 from llmopt.kv.statistics import LayerStatistics, StatisticsCollector
 from llmopt.offload import onloaded
@@ -58,28 +61,35 @@ def refit_output_projection(attention: nn.Module, o_proj: nn.Linear, calls: list
 
 @dataclass
 class LayerReport:
-    """Per layer: relative RMS reconstruction error of keys and values on windows held out from the fit, and
-    the relative residual of the o_proj refit (None without refit)."""
+    """Per layer: relative RMS reconstruction error of keys and values on windows held out from the fit, the
+    relative residual of the o_proj refit, and the layer-healing error (relative squared error of the layer's
+    output against the original trajectory, on the fit windows) over its first and last pass; None where off."""
 
     key_error: float
     value_error: float
     refit_residual: float | None
+    healing_error_first: float | None = None
+    healing_error_last: float | None = None
 
 
 @torch.no_grad()
 def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: AttentionShape, groups: int,
                         windows: torch.Tensor, solve: Callable[[nn.Module, LayerStatistics], GroupFold],
-                        refit: bool, batch_size: int = 4) -> list[LayerReport]:
-    """Fold every layer in turn: statistics on its current inputs → `solve` → fold → optional o_proj refit.
+                        refit: bool, healing: LayerHealingConfig | None = None,
+                        batch_size: int = 4) -> list[LayerReport]:
+    """Fold every layer in turn: statistics on its current inputs → `solve` → fold → optional o_proj refit →
+    optional layer-wise healing toward the original model's trajectory (carried alongside).
 
     The last eighth of the windows is held out from the fit and only measures the reconstruction error.
     """
     held_out = max(len(windows) // 8, 1) if len(windows) > 1 else 0
     fit = first_layer_inputs(model, adapter, windows[: len(windows) - held_out], batch_size)
     check = first_layer_inputs(model, adapter, windows[len(windows) - held_out:], batch_size) if held_out else []
+    original_trajectory = list(fit)
     reports = []
     for layer in tqdm(adapter.decoder_layers(model), desc="calibrating layers", unit="layer"):
         with onloaded(layer):
+            original = copy.deepcopy(layer) if healing else None
             attention = layer.get_submodule(adapter.attention)
             calls: list[tuple[dict, torch.Tensor]] = []
             fit_stats = _run_collecting(layer, attention, adapter, shape, groups, fit, calls if refit else None)
@@ -90,7 +100,11 @@ def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: Attention
             o_proj = getattr(attention, adapter.o_proj)
             residual = refit_output_projection(attention, o_proj, calls) if refit else None
             del calls
-            reports.append(LayerReport(key_error, value_error, residual))
+            errors = (None, None)
+            if healing:
+                original_trajectory = next_layer_inputs(original, original_trajectory)
+                errors = heal_layer(layer, adapter, fit, [hidden for hidden, _ in original_trajectory], healing)
+            reports.append(LayerReport(key_error, value_error, residual, *errors))
             fit, check = next_layer_inputs(layer, fit), next_layer_inputs(layer, check)
     return reports
 

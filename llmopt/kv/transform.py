@@ -18,7 +18,7 @@ from llmopt.config import ConfigError
 from llmopt.kv.config import METHODS, KVCompressionConfig
 from llmopt.kv.fold import fold_attention
 from llmopt.kv.heal import heal_attention
-from llmopt.kv.layerwise import calibrate_layerwise
+from llmopt.kv.layerwise import LayerReport, calibrate_layerwise
 from llmopt.kv.solvers import calibrated_fold, pooling_fold, weight_statistics
 from llmopt.offload import is_offloaded, onloaded
 from llmopt.transforms import CalibrationContext, Transform
@@ -96,9 +96,12 @@ class KVCompression(Transform):
                                        query_weighted=config.key_objective == "query-weighted",
                                        output_weighted=config.value_objective == "output-weighted")
 
-            reports = calibrate_layerwise(model, adapter, shape, target, windows, solve, config.refit_o_proj)
+            reports = calibrate_layerwise(model, adapter, shape, target, windows, solve, config.refit_o_proj,
+                                          config.layer_healing)
+            columns = [f.name for f in dataclasses.fields(LayerReport)
+                       if any(getattr(r, f.name) is not None for r in reports)]
             details["layers"] = {name: [None if getattr(r, name) is None else round(getattr(r, name), 4)
-                                        for r in reports] for name in ("key_error", "value_error", "refit_residual")}
+                                        for r in reports] for name in columns}
         else:
             for attention in adapter.attention_modules(model):
                 with onloaded(attention):
