@@ -6,15 +6,19 @@ and decode tokens of every request together: each feature is a function of one t
 depend on how the scheduler batches or chunks. In a routed block every token writes its K/V; only kept tokens run
 attention (`kept_attention`), o_proj and the MLP. q/k/v stay one fused GEMM over all tokens, since the skipped ones
 need their K/V anyway. The model runs eagerly even where vLLM would compile it (data-dependent gathers, and the
-router carries each block's input to the next).
+router carries each block's input to the next), with vLLM's CPU kernels for its norms, rotary embedding and
+activation, as in eager mode (for a compiled model vLLM picks their torch versions, slower when not compiled).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from vllm.compilation.decorators import ignore_torch_compile
-from vllm.config import VllmConfig
+from vllm.config import CompilationConfig, VllmConfig
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
@@ -81,6 +85,17 @@ class RoutedDecoderLayer(LlamaDecoderLayer):
         return torch.zeros_like(x).index_copy_(0, rows, self.mlp(mlp_in)), x.index_copy(0, rows, kept)
 
 
+@contextlib.contextmanager
+def vllm_kernels(compilation_config: CompilationConfig) -> Iterator[None]:
+    """vLLM's own kernels ("custom ops") by default for the layers built in the scope; explicit choices stay."""
+    saved = list(compilation_config.custom_ops)
+    compilation_config.custom_ops[:] = ["all" if op == "none" else op for op in saved]
+    try:
+        yield
+    finally:
+        compilation_config.custom_ops[:] = saved
+
+
 @ignore_torch_compile
 class RoutedLlamaModel(LlamaModel):
     """vLLM's `LlamaModel`, never compiled."""
@@ -90,7 +105,8 @@ class LlmoptLlamaForCausalLM(LlamaForCausalLM):
     """vLLM's Llama with llmopt's token routing, built from the checkpoint's record and router weights."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=RoutedDecoderLayer)
+        with vllm_kernels(vllm_config.compilation_config):
+            super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=RoutedDecoderLayer)
         config = vllm_config.model_config.hf_config
         record = read_record(config)
         routing = record.get("routing") if record is not None else None
