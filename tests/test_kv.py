@@ -205,3 +205,12 @@ def test_max_memory_is_parsed_or_refused_with_the_expected_form():
     for text in ("", "cpu", "cpu300MiB", "=1GiB"):
         with pytest.raises(ValueError, match="cpu=300MiB"):
             parse_max_memory(text)
+
+
+def test_baselines_of_a_healed_recipe_are_plain_folds():
+    from llmopt.kv.transform import KVCompression
+
+    config = KVCompressionConfig(num_kv_heads=1, layer_healing=LayerHealingConfig(), healing=HealingConfig())
+    baselines = KVCompression().baselines(config)
+    assert set(baselines) == {"mean-pool", "svd-w", "keep-one"}
+    assert all(b.layer_healing is None and b.healing is None for b in baselines.values())

@@ -120,7 +120,7 @@ class KVCompression(Transform):
         """Nothing to rebuild: the saved config already has the fewer KV heads (a vanilla checkpoint)."""
 
     def baselines(self, config: KVCompressionConfig) -> dict[str, KVCompressionConfig]:
-        return {method: dataclasses.replace(config, method=method, healing=None)
+        return {method: dataclasses.replace(config, method=method, layer_healing=None, healing=None)
                 for method in METHODS if method != config.method}
 
     def cost(self, model: nn.Module, config: KVCompressionConfig,
