@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from llmopt.sparse.config import SparseAttentionConfig
 
 ESTIMATE_BUDGET = 1 << 20  # score elements per chunk of query blocks while estimating (4 MiB: stays in cache)
+MIN_CHUNK = 4  # query blocks per chunk at least: fewer rows leave the matmul too small to run fast
 
 
 @dataclass
@@ -82,7 +83,7 @@ def estimate_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, 
     sampled = (q.index_select(2, sampled).float() * scale).to(torch.bfloat16).view(b, hkv, h // hkv, -1, d)
     positions = query_positions(lq, lk, bs, q.device)[:, stride - 1::stride].clamp(max=lk - 1)  # [Qb, rows]
     per_block = positions.shape[1]
-    chunk = max(1, ESTIMATE_BUDGET // (h * per_block * kb * bs))
+    chunk = max(MIN_CHUNK, ESTIMATE_BUDGET // (h * per_block * kb * bs))
     estimates = []
     for start in range(0, qb, chunk):
         stop = min(start + chunk, qb)
