@@ -10,7 +10,7 @@ from pathlib import Path
 
 _AXES = {"kv_compression": "KV cache compression (×)", "token_sparsity": "token sparsity (fraction skipped)",
          "flops_skipped": "FLOPs skipped (fraction)", "attention_density": "attention density (fraction computed)",
-         "training_minutes": "training minutes (healing)"}
+         "training_minutes": "training minutes"}
 
 
 def write_plots(report, out_dir: Path) -> list[Path]:

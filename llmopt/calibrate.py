@@ -96,7 +96,7 @@ def _calibrate_loaded(args: argparse.Namespace, config: OptimizationConfig, mode
     patch_model(model, config, tokenizer=tokenizer, calibration=texts,
                 observer=lambda stage, stage_model, stage_facts: measure(f"{OURS} ({stage})", stage_model,
                                                                           stage_facts))
-    measure(OURS, model)
+    measure(OURS, model, training_minutes(diagnostics(model)))
     run = {**run_facts(args.eval_windows), "model": args.model, "recipe": str(args.config),
            "peak_resident_mib": round(peak_resident_mib())}
     if args.max_memory:
@@ -114,6 +114,14 @@ def _calibrate_loaded(args: argparse.Namespace, config: OptimizationConfig, mode
                            "diagnostics": diagnostics(model)})
     print(f"saved to {out} (peak resident memory {peak_resident_mib():.0f} MiB)", file=sys.stderr)
     return 0
+
+
+def training_minutes(transforms: dict[str, dict]) -> dict[str, float]:
+    """``{"training_minutes": ...}``: the minutes of the training runs (distillation curves) the transforms
+    report, for the retention-against-training-time plot; empty if nothing trained."""
+    seconds = [value["seconds"] for report in transforms.values() for value in report.values()
+               if isinstance(value, dict) and "curve" in value]
+    return {"training_minutes": round(sum(seconds) / 60, 1)} if seconds else {}
 
 
 def describe_diagnostics(transforms: dict[str, dict]) -> tuple[str, dict[str, bytes]]:

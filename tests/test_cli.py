@@ -79,3 +79,12 @@ def test_serve_refuses_what_vllm_cannot_serve_before_starting(tmp_path, capsys):
     (model / "config.json").write_text('{"llmopt": {"version": 2, "toy_scale": {}}}')
     assert main(["serve", str(model)]) == 2
     assert "uses toy_scale, which needs llmopt's vLLM plugin" in capsys.readouterr().err
+
+
+def test_training_minutes_sum_the_training_runs_the_transforms_report():
+    from llmopt.calibrate import training_minutes
+
+    reports = {"kv": {"fold_seconds": 50.0, "healing": {"seconds": 720.0, "curve": [1.0]}},
+               "routing": {"training": {"seconds": 30.0, "curve": [2.0]}}}
+    assert training_minutes(reports) == {"training_minutes": 12.5}
+    assert training_minutes({"kv": {"fold_seconds": 50.0}}) == {}
