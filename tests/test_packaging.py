@@ -36,7 +36,7 @@ def test_import_changes_nothing_in_transformers():
 
 def test_public_api():
     assert sorted(llmopt.__all__) == [
-        "HealingConfig", "KVCompressionConfig", "OptimizationConfig", "SparseAttentionConfig",
+        "HealingConfig", "KVCompressionConfig", "LayerHealingConfig", "OptimizationConfig", "SparseAttentionConfig",
         "TokenRoutingConfig", "cache_dir", "load_optimized", "patch_model", "register_transform", "save_optimized",
     ]
     for name in llmopt.__all__:
