@@ -7,7 +7,6 @@ not compound unseen; only one layer's activations and weights are ever held: an 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,7 +88,8 @@ def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: Attention
     reports = []
     for layer in tqdm(adapter.decoder_layers(model), desc="calibrating layers", unit="layer"):
         with onloaded(layer):
-            original = copy.deepcopy(layer) if healing else None
+            if healing:  # the layer is still the original one: its output on the original trajectory is the target
+                original_trajectory = next_layer_inputs(layer, original_trajectory)
             attention = layer.get_submodule(adapter.attention)
             calls: list[tuple[dict, torch.Tensor]] = []
             fit_stats = _run_collecting(layer, attention, adapter, shape, groups, fit, calls if refit else None)
@@ -102,7 +102,6 @@ def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: Attention
             del calls
             errors = (None, None)
             if healing:
-                original_trajectory = next_layer_inputs(original, original_trajectory)
                 errors = heal_layer(layer, adapter, fit, [hidden for hidden, _ in original_trajectory], healing)
             reports.append(LayerReport(key_error, value_error, residual, *errors))
             fit, check = next_layer_inputs(layer, fit), next_layer_inputs(layer, check)
