@@ -63,11 +63,16 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
+def cosine_decay(peak: float, progress: float) -> float:
+    """`peak` decayed along a cosine to 10% of it as `progress` goes from 0 to 1."""
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
 def learning_rate(config: DistillationConfig, progress: float, step: int) -> float:
     """Linear warm-up, then cosine decay to 10% over the budget (`progress` in [0, 1])."""
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
-    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return cosine_decay(config.learning_rate, progress)
 
 
 @contextlib.contextmanager

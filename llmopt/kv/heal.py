@@ -18,11 +18,11 @@ from llmopt.hooks import swapped_submodules
 from llmopt.kv.config import HealingConfig
 
 
-def trainable_parameters(model: nn.Module, adapter: ArchAdapter, which: str) -> list[nn.Parameter]:
+def attention_parameters(attentions: list[nn.Module], adapter: ArchAdapter, which: str) -> list[nn.Parameter]:
+    """The parameters that heal: the k/v projections (``which="keys-values"``) or all four attention projections."""
     names = (adapter.k_proj, adapter.v_proj) if which == "keys-values" else (
         adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj)
-    return [p for attention in adapter.attention_modules(model) for n in names
-            for p in getattr(attention, n).parameters()]
+    return [p for attention in attentions for n in names for p in getattr(attention, n).parameters()]
 
 
 def heal_attention(model: nn.Module, config: HealingConfig, windows: torch.Tensor, adapter: ArchAdapter,
@@ -30,6 +30,6 @@ def heal_attention(model: nn.Module, config: HealingConfig, windows: torch.Tenso
     """Train the attention projections on batches of ``windows [n, seq_len]`` for `config.steps` steps (or
     `config.minutes`); returns the KL curve, steps and tokens seen. `checkpoint(minutes)`: see `distill`."""
     layers = list(adapter.decoder_layers(model))
-    return distill(model, trainable_parameters(model, adapter, config.parameters),
+    return distill(model, attention_parameters(adapter.attention_modules(model), adapter, config.parameters),
                    lambda: swapped_submodules(layers, adapter.attention, original_attentions),
                    windows, config, desc="healing", checkpoint=checkpoint)

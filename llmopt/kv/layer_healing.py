@@ -8,15 +8,14 @@ before it left. It needs only the layer in memory, which is why it also heals mo
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from llmopt.arch import ArchAdapter
-from llmopt.distill import only_trainable
+from llmopt.distill import cosine_decay, only_trainable
 from llmopt.hooks import LayerInput, layer_output
 from llmopt.kv.config import LayerHealingConfig
+from llmopt.kv.heal import attention_parameters
 
 
 def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -30,9 +29,7 @@ def heal_layer(layer: nn.Module, adapter: ArchAdapter, inputs: list[LayerInput],
                config: LayerHealingConfig) -> tuple[float, float]:
     """Train `layer`'s q/k/v/o projections for `config.epochs` passes over ``inputs`` toward ``targets`` (Adam,
     cosine decay to 10%); returns the relative error of the first and of the last pass."""
-    attention = layer.get_submodule(adapter.attention)
-    params = [p for name in (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj)
-              for p in getattr(attention, name).parameters()]
+    params = attention_parameters([layer.get_submodule(adapter.attention)], adapter, "attention")
     optimizer = torch.optim.Adam(params, lr=config.learning_rate, betas=(0.9, 0.95))
     device = params[0].device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16")
@@ -41,7 +38,7 @@ def heal_layer(layer: nn.Module, adapter: ArchAdapter, inputs: list[LayerInput],
         for step in range(steps):
             (hidden, kwargs), target = inputs[step % len(inputs)], targets[step % len(inputs)]
             for group in optimizer.param_groups:
-                group["lr"] = config.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+                group["lr"] = cosine_decay(config.learning_rate, step / steps)
             with autocast:
                 loss = relative_error(layer_output(layer(hidden, **kwargs)), target)
             optimizer.zero_grad(set_to_none=True)
