@@ -60,10 +60,11 @@ class KVCompression(Transform):
 
     def check(self, model: nn.Module, config: KVCompressionConfig, context: CalibrationContext) -> None:
         adapter_for(model)
-        if is_offloaded(model) and config.healing is not None:
+        offloaded = is_offloaded(model)
+        if offloaded and config.healing is not None:
             raise ConfigError("kv.healing distils the whole model end to end and needs it in memory, but this model "
                               "is offloaded: drop kv.healing, or give it more memory (--max-memory)")
-        if not is_offloaded(model) and any(p.device.type == "meta" for p in model.parameters()):
+        if not offloaded and any(p.device.type == "meta" for p in model.parameters()):
             raise ValueError("the model has weights on the meta device that no offload hook loads: load it with "
                              "real weights, or offloaded with accelerate (device_map, max_memory, offload folder)")
         shape = attention_shape(model.config)
