@@ -92,11 +92,13 @@ def only_trainable(model: nn.Module, params: list[nn.Parameter]):
             p.requires_grad_(flag)
 
 
-def distill(model: nn.Module, params: list[nn.Parameter], teacher: Callable[[], ContextManager],
+def distill(model: nn.Module, params: list[nn.Parameter] | list[dict], teacher: Callable[[], ContextManager],
             windows: torch.Tensor, config: DistillationConfig,
             loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
             desc: str = "distillation", checkpoint: Callable[[float], None] | None = None) -> dict:
     """Train `params` so that `model` matches itself under `teacher()` on batches of ``windows [n, seq_len]``.
+
+    `params`: parameters, or groups of them (``{"params": [...], "scale": s}``: learning rate × s, default 1).
 
     `loss(model, student_logits, teacher_logits)` defaults to the KL divergence; a transform adds its own terms
     (e.g. a sparsity penalty) by reading its modules' state. `checkpoint(minutes)` is called, the model in eval
@@ -104,7 +106,9 @@ def distill(model: nn.Module, params: list[nn.Parameter], teacher: Callable[[], 
     "tokens", "seconds", "curve", "minute_steps"}`` (the step count at each reported minute).
     """
     loss = loss or (lambda _model, student, target: kl_divergence(student, target))
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
+    trained = [p for group in groups for p in group["params"]]
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16")
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
@@ -113,7 +117,7 @@ def distill(model: nn.Module, params: list[nn.Parameter], teacher: Callable[[], 
     marks, minute_steps = list(config.report_minutes), {}
     started, paused, was_training = time.perf_counter(), 0.0, model.training
     try:
-        with only_trainable(model, params):
+        with only_trainable(model, trained):
             bar = tqdm(range(config.steps), desc=desc, unit="step")
             for step in bar:
                 elapsed = time.perf_counter() - started - paused
@@ -124,7 +128,7 @@ def distill(model: nn.Module, params: list[nn.Parameter], teacher: Callable[[], 
                     break
                 progress = max(step / config.steps, elapsed / budget if budget else 0.0)
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(config, progress, step)
+                    group["lr"] = learning_rate(config, progress, step) * group.get("scale", 1.0)
                 pick = order[torch.arange(step * config.batch_size, (step + 1) * config.batch_size) % len(windows)]
                 batch = windows[pick].to(device)
                 model.eval()
@@ -135,7 +139,7 @@ def distill(model: nn.Module, params: list[nn.Parameter], teacher: Callable[[], 
                     value = loss(model, model(input_ids=batch, use_cache=False).logits, target)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                torch.nn.utils.clip_grad_norm_(trained, 1.0)
                 optimizer.step()
                 curve.append(round(value.item(), 5))
                 bar.set_postfix(loss=f"{value.item():.4f}")

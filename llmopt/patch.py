@@ -37,9 +37,14 @@ def patch_model(model: nn.Module, config: Any, *, tokenizer=None, calibration=No
         transform.check(model, settings, context)
     diagnostics = getattr(model, DIAGNOSTICS_ATTRIBUTE, {})
     for name, settings, transform, context in plan:
-        diagnostics[name] = transform.calibrate(model, settings, context)
-        record = OptimizationConfig(**{**(record.transforms if record else {}), name: settings})
+        # recorded before it runs, so that an observer measuring an intermediate stage sees what it costs
+        before, record = record, OptimizationConfig(**{**(record.transforms if record else {}), name: settings})
         write_record(model, record)
+        try:
+            diagnostics[name] = transform.calibrate(model, settings, context)
+        except BaseException:
+            write_record(model, before)
+            raise
     setattr(model, DIAGNOSTICS_ATTRIBUTE, diagnostics)
     return model
 

@@ -30,8 +30,13 @@ def read_record(model_or_config: Any) -> OptimizationConfig | None:
         raise ConfigError(f"the model's llmopt record is not valid for this llmopt: {error}") from None
 
 
-def write_record(model: nn.Module, record: OptimizationConfig) -> None:
-    setattr(model.config, RECORD_KEY, record.to_dict())
+def write_record(model: nn.Module, record: OptimizationConfig | None) -> None:
+    """Record `record` in the model's config (None: the model is untouched)."""
+    if record is None:
+        if hasattr(model.config, RECORD_KEY):
+            delattr(model.config, RECORD_KEY)
+    else:
+        setattr(model.config, RECORD_KEY, record.to_dict())
 
 
 def original_architectures(model_or_config: Any) -> list[str] | None:

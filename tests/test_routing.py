@@ -11,29 +11,41 @@ from llmopt import OptimizationConfig, TokenRoutingConfig, load_optimized, patch
 from llmopt.arch.adapter import UnsupportedModelError
 from llmopt.checkpoint import CheckpointError
 from llmopt.config import ConfigError
+from llmopt.distill import kl_divergence
+from llmopt.routing.adapters import Moments, fit_adapters
 from llmopt.routing.allocation import greedy_allocation, shortgpt_blocks, uniform_allocation
 from llmopt.routing.config import RouterTrainingConfig
 from llmopt.routing.flops import block_flops, skipped
+from llmopt.routing.train import train_router
 from llmopt.routing.transform import TokenRouting, install
 
 SPARSITY = torch.tensor([0.0, 0.5, 0.4])  # per block of the 3-block tiny model
 
 
-def routed(method="random", sparsity=SPARSITY, **overrides):
+def routed(method="random", sparsity=SPARSITY, adapter_rank=0, **overrides):
+    """A tiny model routed by a baseline rule; with adapters, random ones (nonzero, so that they show)."""
     model = tiny_model(**overrides)
-    router = install(model, TokenRoutingConfig(method=method, allocation="uniform", training=None))
+    router = install(model, TokenRoutingConfig(method=method, allocation="uniform", training=None,
+                                               adapter_rank=adapter_rank))
     router.block_sparsity.copy_(sparsity)
+    if adapter_rank:
+        generator = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for param in (router.adapter_down, router.adapter_up, router.adapter_bias):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     return model, router
 
 
-def masked_reference(keeps: dict[int, torch.Tensor], **overrides):
-    """The original model where block l's output is replaced by its input for the tokens `keeps[l]` skips:
-    every token still computes everything, the residual pass-through is explicit."""
+def masked_reference(keeps: dict[int, torch.Tensor], router=None, **overrides):
+    """The original model where block l's output is replaced by its input (plus `router`'s skip adapter) for the
+    tokens `keeps[l]` skips: every token still computes everything, the residual pass-through is explicit."""
     model = tiny_model(**overrides)
     for index, layer in enumerate(model.model.layers):
         if index in keeps:
-            def skip(_module, args, kwargs, output, index=index):
+            def skip(module, args, kwargs, output, index=index):
                 hidden = args[0] if args else kwargs["hidden_states"]
+                if router is not None:
+                    hidden = hidden + router.skip_update(index, module.input_layernorm(hidden))
                 return torch.where(keeps[index][..., None], output, hidden)
 
             layer.register_forward_hook(skip, with_kwargs=True)
@@ -56,21 +68,59 @@ def test_keeping_every_token_gives_the_original_logits(token_windows_tiny):
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "left-padded"])
-def test_gathered_layer_equals_the_masked_reference(token_windows_tiny, implementation, padded):
+@pytest.mark.parametrize("adapter_rank", [0, 4], ids=["pass-through", "adapters"])
+def test_gathered_layer_equals_the_masked_reference(token_windows_tiny, implementation, padded, adapter_rank):
     ids = token_windows_tiny[:3, :40]
     mask = torch.ones_like(ids)
     if padded:
         mask[0, :9] = 0
         mask[2, :3] = 0
-    model, router = routed(attn_implementation=implementation)
+    model, router = routed(adapter_rank=adapter_rank, attn_implementation=implementation)
     with router.recording() as records:
         ours = logits(model, ids, attention_mask=mask)
     keeps = {record.index: record.keep for record in records}
     assert set(keeps) == {1, 2} and 0.3 < 1 - keeps[1].float().mean() < 0.7
-    reference = logits(masked_reference(keeps, attn_implementation=implementation), ids, attention_mask=mask)
+    reference = logits(masked_reference(keeps, router if adapter_rank else None, attn_implementation=implementation),
+                       ids, attention_mask=mask)
     real = mask.bool()
     torch.testing.assert_close(ours[real], reference[real], rtol=1e-4, atol=1e-4)
     assert (ours[real] - logits(tiny_model(), ids, attention_mask=mask)[real]).abs().max() > 1e-2
+
+
+def test_ftp_features_hand_on_the_attention_mass_of_the_queries_that_ran(token_windows_tiny):
+    """The routed block's own eager attention (kept queries only) gives the next block's attention-mass feature:
+    it equals the mass in the masked reference's attention weights, rows of skipped queries removed."""
+    ids = token_windows_tiny[:2, :40]
+    model = tiny_model(attn_implementation="eager")
+    router = install(model, TokenRoutingConfig(features="ftp", allocation="uniform"))
+    router.block_sparsity.copy_(SPARSITY)
+    handed, remember = {}, router.remember_attention
+
+    def watched(index, probabilities, length):
+        handed[index] = probabilities.detach().clone()
+        remember(index, probabilities, length)
+
+    router.remember_attention = watched
+    with router.recording() as records:
+        ours = logits(model, ids)
+    keeps = {record.index: record.keep for record in records}
+    reference = masked_reference(keeps, attn_implementation="eager")
+    with torch.no_grad():
+        result = reference(ids, output_attentions=True)
+    torch.testing.assert_close(ours, result.logits, rtol=1e-4, atol=1e-4)
+    for index in (0, 1):  # block 0 runs dense (the hook), block 1 routes (the gathered path)
+        weights = result.attentions[index]
+        if index in keeps:
+            weights = weights * keeps[index][:, None, :, None]
+        torch.testing.assert_close(handed[index].sum(2).mean(1), weights.sum(2).mean(1), rtol=1e-4, atol=1e-5)
+    features = router.features(3, torch.zeros(2, 40, 64), None, torch.arange(40)[None].expand(2, -1))
+    torch.testing.assert_close(features[..., 1].exp() - 1e-6, handed[2].sum(2).mean(1))  # block 2 → block 3
+    assert torch.equal(features[0, :, 0], torch.arange(40).float().log1p())
+
+
+def test_ftp_features_need_eager_attention(token_windows_tiny):
+    with pytest.raises(ConfigError, match="only eager attention returns"):
+        patch_model(tiny_model(), tiny_config(features="ftp"), calibration=token_windows_tiny)
 
 
 def test_skipped_tokens_are_not_computed_but_write_their_kv(token_windows_tiny):
@@ -107,12 +157,13 @@ def greedy(model, prompts, **kwargs):
     return alone, batched
 
 
-@pytest.mark.parametrize("method, sparsity", [("random", SPARSITY), ("static", SPARSITY),
-                                              ("shortgpt", torch.tensor([0.0, 1.0, 0.0]))])
-def test_generate_with_cache_matches_recomputation_and_batching(method, sparsity):
+@pytest.mark.parametrize("method, sparsity, adapter_rank", [
+    ("random", SPARSITY, 0), ("static", SPARSITY, 0), ("shortgpt", torch.tensor([0.0, 1.0, 0.0]), 0),
+    ("random", SPARSITY, 4), ("shortgpt", torch.tensor([0.0, 1.0, 0.0]), 4)])
+def test_generate_with_cache_matches_recomputation_and_batching(method, sparsity, adapter_rank):
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, TINY["vocab_size"], (n,), generator=generator) for n in (7, 12, 3)]
-    model, _ = routed(method, sparsity)
+    model, _ = routed(method, sparsity, adapter_rank)
     cached, batched = greedy(model, prompts)
     recomputed, _ = greedy(model, prompts, use_cache=False)
     dense, _ = greedy(tiny_model(), prompts)
@@ -123,8 +174,8 @@ def test_generate_with_cache_matches_recomputation_and_batching(method, sparsity
 
 def tiny_config(**overrides) -> TokenRoutingConfig:
     training = RouterTrainingConfig(steps=6, seq_len=64, tokens=512, batch_size=2, warmup_steps=1,
-                                    precision="float32")
-    return TokenRoutingConfig(**{"sparsity": 0.3, "seq_len": 64, "calibration_tokens": 512,
+                                    precision="float32", guide_steps=8, router_learning_rate=1e-3)
+    return TokenRoutingConfig(**{"sparsity": 0.3, "seq_len": 64, "calibration_tokens": 512, "adapter_rank": 8,
                                  "training": training, **overrides})
 
 
@@ -142,7 +193,8 @@ def test_training_moves_only_the_router_and_holds_the_rate(trained, token_window
         if name in before:
             assert torch.equal(param, before[name]), name
     details = model.llmopt_diagnostics["routing"]
-    assert details["training"]["steps"] == 6 and len(details["training_kl"]["curve"]) == 6
+    assert details["guide"]["steps"] == 8 and len(details["guide"]["curve"]) == 8
+    assert details["training"]["steps"] == 6 and len(details["training"]["curve"]) == 6
     blocks = details["blocks"]
     assert blocks["target_sparsity"][0] == 0.0 and blocks["achieved_sparsity"][0] == 0.0
     for target, achieved in zip(blocks["target_sparsity"], blocks["achieved_sparsity"]):
@@ -184,6 +236,57 @@ def test_baselines_run_through_the_same_code(name, token_windows_tiny):
     assert 0.2 < cost["flops_skipped"] < 0.4, cost
     if name == "shortgpt":
         assert model.llmopt_diagnostics["routing"]["blocks"]["target_sparsity"].count(1.0) == 1
+
+
+def test_reduced_rank_fit_recovers_a_low_rank_map():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 12, generator=generator, dtype=torch.float64) + 0.5
+    planted = torch.randn(12, 2, generator=generator, dtype=torch.float64) @ \
+        torch.randn(2, 12, generator=generator, dtype=torch.float64)
+    bias = torch.randn(12, generator=generator, dtype=torch.float64)
+    moments = Moments(12)
+    for chunk_x in x.split(1000):
+        moments.add(chunk_x, chunk_x @ planted + bias)
+    down, up, fitted_bias = moments.solve(rank=2)
+    assert down.shape == (12, 2) and up.shape == (2, 12)
+    prediction = x @ down @ up + fitted_bias
+    assert ((prediction - (x @ planted + bias)).norm() / (x @ planted).norm()).item() < 0.02
+
+
+def kl_to_dense(model, router, ids):
+    with torch.no_grad(), router.disabled():
+        dense = model(ids).logits
+    return kl_divergence(logits(model, ids), dense).item()
+
+
+def test_fitted_then_distilled_adapters_lower_the_error(token_windows_tiny):
+    model, router = routed("random", adapter_rank=8)
+    for param in (router.adapter_down, router.adapter_up, router.adapter_bias):
+        param.data.zero_()
+    ids = token_windows_tiny[:16]
+    passing = kl_to_dense(model, router, ids)
+    counts = fit_adapters(model, router, ids)
+    assert counts[0] == 0 and counts[1] > counts[2] > 0  # block 1 skips 50%, block 2 40%
+    fitted = kl_to_dense(model, router, ids)
+    training = RouterTrainingConfig(steps=20, seq_len=64, tokens=1024, batch_size=4, warmup_steps=1,
+                                    learning_rate=1e-3, precision="float32")
+    result = train_router(model, router, ids, training)
+    distilled = kl_to_dense(model, router, ids)
+    assert result["steps"] == 20 and distilled < fitted < passing, (passing, fitted, distilled)
+
+
+def test_distillation_skips_exactly_the_target_share_in_every_batch(token_windows_tiny):
+    model = tiny_model()
+    config = tiny_config(allocation="uniform")
+    router = install(model, config)
+    router.block_sparsity.copy_(SPARSITY)
+    with router.recording() as records:
+        train_router(model, router, token_windows_tiny[:8], config.training)
+    assert len(records) == 6 * 2
+    for record in records:  # the threshold is the batch's quantile; position 0 of each row always runs
+        share = 1 - record.keep.double().mean().item()
+        target, slack = SPARSITY[record.index].item(), (record.keep.shape[0] + 1) / record.keep.numel()
+        assert target - slack - 1e-6 <= share <= target + 1e-6, (record.index, share)
 
 
 def test_per_block_linear_router_trains(token_windows_tiny):
@@ -234,7 +337,9 @@ def test_non_llama_models_are_refused(family, token_windows_tiny):
     ({"routing": {"method": "oracle"}}, "routing.method = 'oracle' is not one of"),
     ({"routing": {"allocation": "ga"}}, "routing.allocation = 'ga' is not one of"),
     ({"routing": {"training": None}}, "needs routing.training"),
-    ({"routing": {"training": {"rate_weight": -1}}}, "routing.training.rate_weight must be non-negative"),
+    ({"routing": {"training": {"guide_steps": -1}}}, "routing.training.guide_steps must be non-negative"),
+    ({"routing": {"method": "random", "adapter_rank": 0}}, "routing.training has nothing to train"),
+    ({"routing": {"adapter_rank": -2}}, "routing.adapter_rank must be non-negative"),
     ({"routing": {"max_block_sparsity": 1.0}}, "routing.max_block_sparsity must be in (0, 1)"),
 ])
 def test_bad_routing_configs_are_refused(data, message):

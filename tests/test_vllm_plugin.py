@@ -35,9 +35,12 @@ SPARSE = SparseAttentionConfig(block_size=32, mass=0.3, min_seq_len=128)
 # chunks of 256 tokens start on sparse block boundaries, so chunked prefill must reproduce the one-pass prefill
 ENGINE = {"max_model_len": 600, "max_num_batched_tokens": 256, "skip_tokenizer_init": True,
           "enable_prefix_caching": True}
-# learned routers (every feature of the real ones), two training steps: the logic, not the quality
-ROUTING = TokenRoutingConfig(sparsity=0.3, seq_len=64, calibration_tokens=512, training=RouterTrainingConfig(
-    steps=2, seq_len=64, tokens=256, batch_size=2, warmup_steps=1, precision="float32"))
+# learned routers with skip adapters (every part of the real ones), two steps of each training stage: the
+# logic, not the quality
+ROUTING = TokenRoutingConfig(sparsity=0.3, seq_len=64, calibration_tokens=512, adapter_rank=8,
+                             training=RouterTrainingConfig(steps=2, seq_len=64, tokens=256, batch_size=2,
+                                                           warmup_steps=1, precision="float32", guide_steps=2,
+                                                           router_learning_rate=1e-3))
 
 
 def vllm_generate(model: Path, calls: list, plugins: str, max_tokens: int = 8, routing_counts: bool = False,
@@ -121,6 +124,9 @@ def test_serve_refuses_before_starting_vllm(tmp_path, capsys, monkeypatch):
         assert main(["serve", str(routed)]) == 2
     assert ("uses routing, which needs llmopt's vLLM plugin, and the plugin cannot serve it on this GPU build"
             in capsys.readouterr().err)
+    ftp = write_config(tmp_path / "ftp", {"llmopt": {"version": 2, "routing": {"features": "ftp"}}})
+    assert main(["serve", str(ftp)]) == 2
+    assert "routing on FTP features (attention mass: vLLM's attention kernels" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "nowhere")]) == 2
     assert "no model" in capsys.readouterr().err
     broken = write_config(tmp_path / "broken", {})

@@ -13,27 +13,34 @@ METHODS = ("learned", "static", "random", "shortgpt")
 
 @dataclass
 class RouterTrainingConfig(DistillationConfig):
-    """Router training with the LLM frozen (see `DistillationConfig` for the loop): distillation against the dense
-    model, plus `rate_weight` × the squared gap between each block's soft skip rate and its target, plus
-    `guide_weight` × a cross-entropy toward the update-size rule (skip the tokens the block changes least),
-    decayed linearly to zero over the first `guide_fraction` of the steps."""
+    """Training with the LLM frozen, in two stages on the same calibration windows.
+
+    1. The guide: `guide_steps` Adam steps (`guide_learning_rate`) in which the router's scores regress, per block,
+       the log relative update of each token on the dense model (the update-size rule: a block skips the tokens
+       it changes least). Forward passes of the LLM only.
+    2. Distillation against the dense model (the `DistillationConfig` loop: `steps`, `learning_rate`, ...)
+       through straight-through gates: the skip adapters train at `learning_rate`, the router's parameters at
+       `router_learning_rate` (0: the router stays as the guide left it). Every block's threshold is re-set on
+       each batch to skip exactly its target share (the rate is held by construction, not by a penalty).
+    """
 
     section: ClassVar[str] = "routing.training"
-    steps: int = 60
-    learning_rate: float = 3e-3
-    batch_size: int = 2
+    steps: int = 120
+    learning_rate: float = 1e-3
+    batch_size: int = 4
     tokens: int = 65536
     warmup_steps: int = 5
-    rate_weight: float = 10.0
-    guide_weight: float = 1.0
-    guide_fraction: float = 0.5
+    guide_steps: int = 200
+    guide_learning_rate: float = 3e-3
+    router_learning_rate: float = 1e-4
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.rate_weight >= 0, f"routing.training.rate_weight must be non-negative, got {self.rate_weight}")
-        require(self.guide_weight >= 0, f"routing.training.guide_weight must be non-negative, got {self.guide_weight}")
-        require(0 < self.guide_fraction <= 1,
-                f"routing.training.guide_fraction must be in (0, 1], got {self.guide_fraction}")
+        require(self.guide_steps >= 0, f"routing.training.guide_steps must be non-negative, got {self.guide_steps}")
+        require(self.guide_learning_rate > 0,
+                f"routing.training.guide_learning_rate must be positive, got {self.guide_learning_rate}")
+        require(self.router_learning_rate >= 0,
+                f"routing.training.router_learning_rate must be non-negative, got {self.router_learning_rate}")
 
 
 @dataclass
@@ -45,9 +52,14 @@ class TokenRoutingConfig:
     ``method``: "learned" (ours: routers trained with the LLM frozen) or a baseline: "static" (a fixed rule on
     position), "random" (a hash of the token, no learning), "shortgpt" (drop whole blocks with the lowest Block
     Influence). ``allocation``: per-block sparsity by greedy search on measured block sensitivity, or "uniform".
-    ``router``: one MLP of width ``hidden`` shared by all blocks, or a linear router per block. ``dense_blocks``
-    never skip (block 0: skipping there is catastrophic). Allocation, feature statistics and thresholds are fitted
-    on ``calibration_tokens`` tokens in windows of ``seq_len``.
+    ``features``: what the learned router sees, "residual" (from the residual stream; any attention kernel, vLLM
+    included) or "ftp" (FTP's position and attention-mass features; eager attention in transformers only; see
+    `llmopt.routing.router`). ``router``: one MLP of width ``hidden`` shared by all blocks, or a linear router
+    per block. ``dense_blocks``
+    never skip (block 0: skipping there is catastrophic). ``adapter_rank``: a token that skips a block gets a
+    rank-r linear update of its normalized state instead of none (fitted by least squares, then trained with the
+    router; 0: plain pass-through). Allocation, feature statistics, adapter fits and thresholds use
+    ``calibration_tokens`` tokens in windows of ``seq_len``.
     """
 
     name: ClassVar[str] = "routing"
@@ -57,11 +69,12 @@ class TokenRoutingConfig:
     sparsity: float = 0.3
     method: Literal["learned", "static", "random", "shortgpt"] = "learned"
     allocation: Literal["search", "uniform"] = "search"
-    features: Literal["residual"] = "residual"
+    features: Literal["residual", "ftp"] = "residual"
     router: Literal["shared-mlp", "per-block-linear"] = "shared-mlp"
     hidden: int = 64
     projections: int = 4
     dense_blocks: list[int] = field(default_factory=lambda: [0])
+    adapter_rank: int = 32
     max_block_sparsity: float = 0.9
     calibration_tokens: int = 4096
     seq_len: int = 256
@@ -72,10 +85,11 @@ class TokenRoutingConfig:
         require(0.0 < self.sparsity < 1.0, f"routing.sparsity must be in (0, 1), got {self.sparsity}")
         require_choice("routing", "method", self.method, METHODS)
         require_choice("routing", "allocation", self.allocation, ("search", "uniform"))
-        require_choice("routing", "features", self.features, ("residual",))
+        require_choice("routing", "features", self.features, ("residual", "ftp"))
         require_choice("routing", "router", self.router, ("shared-mlp", "per-block-linear"))
         require(self.hidden > 0, f"routing.hidden must be positive, got {self.hidden}")
         require(self.projections > 0, f"routing.projections must be positive, got {self.projections}")
+        require(self.adapter_rank >= 0, f"routing.adapter_rank must be non-negative, got {self.adapter_rank}")
         require(all(b >= 0 for b in self.dense_blocks), f"routing.dense_blocks must be block indices, "
                                                         f"got {self.dense_blocks}")
         require(0.0 < self.max_block_sparsity < 1.0,
@@ -86,3 +100,6 @@ class TokenRoutingConfig:
                 f"({self.seq_len})")
         require(self.method != "learned" or self.training is not None,
                 "routing.method = 'learned' needs routing.training (the router is trained)")
+        require(self.training is None or self.method == "learned" or self.adapter_rank > 0,
+                f"routing.training has nothing to train with method = {self.method!r} and adapter_rank = 0: "
+                f"remove it or set adapter_rank")

@@ -1,8 +1,10 @@
 """The routed Llama decoder layer: kept tokens are gathered, run through the block, and scattered back; skipped
-tokens pass on the residual but still write their K/V at the block (dense KV layout: later tokens attend to them).
+tokens pass on the residual (plus the router's skip adapter, if any) but still write their K/V at the block (dense
+KV layout: later tokens attend to them).
 
-In training the block runs every token and mixes ``x + gate · (block(x) − x)`` with a straight-through gate, whose
-forward value is the hard decision: the same numbers the gathered path computes, with a gradient for the router.
+In training the block runs every token and mixes ``x + gate · (block(x) − x) + (1 − gate) · adapter(x)`` with a
+straight-through gate, whose forward value is the hard decision: the same numbers the gathered path computes, with
+a gradient for the router and the adapters.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class RoutedLlamaDecoderLayer(LlamaDecoderLayer):
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
         router, index = self._token_router, self.layer_index
         if router.dropped(index):
-            output = hidden_states
+            output = hidden_states if not router.adapts else \
+                hidden_states + router.skip_update(index, self.input_layernorm(hidden_states))
         elif not router.routes(index):
             output = super().forward(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
                                      position_embeddings, **kwargs)
@@ -35,31 +38,35 @@ class RoutedLlamaDecoderLayer(LlamaDecoderLayer):
             if position_ids is None:
                 position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
             keep, gate = router.decide(index, hidden_states, normed, position_ids)
+            router.record(BlockRecord(index, keep))
             if self.training:
-                output = self._gated(hidden_states, keep, gate, index, attention_mask, position_ids,
+                output = self._gated(hidden_states, normed, keep, gate, attention_mask, position_ids,
                                      past_key_values, use_cache, position_embeddings, **kwargs)
             else:
-                router.record(BlockRecord(index, keep))
                 output = self._gathered(hidden_states, normed, keep, attention_mask, past_key_values,
                                         position_embeddings)
         router.remember(index, hidden_states)
         return output
 
-    def _gated(self, hidden, keep, gate, index, attention_mask, position_ids, past_key_values, use_cache,
+    def _gated(self, hidden, normed, keep, gate, attention_mask, position_ids, past_key_values, use_cache,
                position_embeddings, **kwargs) -> torch.Tensor:
+        router, index = self._token_router, self.layer_index
         full = super().forward(hidden, attention_mask, position_ids, past_key_values, use_cache,
                                position_embeddings, **kwargs)
         delta = full - hidden
-        update = (delta.detach().float().norm(dim=-1) / hidden.detach().float().norm(dim=-1).clamp_min(1e-6))
-        self._token_router.record(BlockRecord(index, keep, gate, update))
-        straight_through = keep.to(gate.dtype) + gate - gate.detach()
-        return hidden + straight_through[..., None].to(delta.dtype) * delta
+        straight_through = (keep.to(gate.dtype) + gate - gate.detach())[..., None]
+        skip = router.skip_update(index, normed) if router.adapts else 0
+        return hidden + straight_through.to(delta.dtype) * delta + (1 - straight_through).to(delta.dtype) * skip
 
     def _gathered(self, hidden: torch.Tensor, normed: torch.Tensor, keep: torch.Tensor,
                   attention_mask: torch.Tensor | None, past_key_values,
                   position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``hidden [b, s, H]`` → the block's output, running queries, o_proj and MLP for ``keep [b, s]`` only."""
-        attention = self.self_attn
+        """``hidden [b, s, H]`` → the block's output, running queries, o_proj and MLP for ``keep [b, s]`` only
+        (and the skip adapter for the others)."""
+        router, attention = self._token_router, self.self_attn
+        output = hidden.clone()
+        if router.adapts:
+            output[~keep] += router.skip_update(self.layer_index, normed[~keep])
         batch, length, _ = hidden.shape
         head_dim = attention.head_dim
         cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
@@ -71,7 +78,8 @@ class RoutedLlamaDecoderLayer(LlamaDecoderLayer):
         counts = keep.sum(1)
         width = int(counts.max())
         if width == 0:
-            return hidden
+            router.remember_attention(self.layer_index, None, length)
+            return output
         # per row, the kept tokens first (in order), padded with skipped ones that are computed and dropped
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
         valid = torch.arange(width, device=hidden.device)[None] < counts[:, None]
@@ -81,15 +89,18 @@ class RoutedLlamaDecoderLayer(LlamaDecoderLayer):
         sin_q = sin.gather(1, order[..., None].expand(-1, -1, head_dim))[:, None]
         queries = queries * cos_q + rotate_half(queries) * sin_q
         mask = query_mask(attention_mask, order, keys.shape[2], length)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=attention.scaling,
-                                             enable_gqa=True)
+        if router.feature_set == "ftp":
+            out, probabilities = attention_with_probabilities(queries, keys, values, mask, attention.scaling)
+            router.remember_attention(self.layer_index, probabilities * valid[:, None, :, None], length)
+        else:
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=attention.scaling,
+                                                 enable_gqa=True)
         out = out.transpose(1, 2).reshape(batch, width, -1)[valid]
         rows = torch.arange(batch, device=hidden.device)[:, None].expand(-1, width)[valid]
         tokens = order[valid]
         residual = hidden[rows, tokens]
         kept = residual + attention.o_proj(out)
         kept = kept + self.mlp(self.post_attention_layernorm(kept))
-        output = hidden.clone()
         output[rows, tokens] = kept
         return output
 
@@ -105,3 +116,15 @@ def query_mask(attention_mask: torch.Tensor | None, order: torch.Tensor, kv_leng
         return (torch.arange(kv_length, device=order.device)[None, None] <= place[..., None])[:, None]
     mask = attention_mask[..., :kv_length].expand(batch, -1, -1, -1)
     return mask.gather(2, order[:, None, :, None].expand(-1, mask.shape[1], -1, kv_length))
+
+
+def attention_with_probabilities(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``queries [b, h, q, d]`` over ``keys/values [b, kv_heads, k, d]`` under ``mask [b, 1, q, k]``
+    (bool, or additive), and its probabilities ``[b, h, q, k]`` (float32), as eager attention computes them."""
+    groups = queries.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    scores = (queries @ keys.transpose(2, 3)).float() * scale
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probabilities = scores.softmax(-1)
+    return probabilities.to(values.dtype) @ values, probabilities

@@ -1,11 +1,20 @@
 """The token router: per token and block, a score; the token runs the block when its score exceeds the block's
 threshold. One module on the model (``model.model.token_router``), shared by every routed decoder layer.
 
-Learned scores come from residual-stream features only (no attention probabilities, so any attention kernel
-serves them): a per-block projection of the normalized hidden state, the log norm of the hidden state, the previous
-block's relative update of the token, log(1 + position), each standardized per block, plus the block's target
-sparsity. Baselines score without learning: "static" by position (evenly spread), "random" by an integer hash of
+Learned scores come from one of two feature sets, each standardized per block, plus the block's target sparsity:
+"residual" (the default; no attention probabilities, so any attention kernel serves them): a per-block projection
+of the normalized hidden state, the log norm of the hidden state and the previous block's relative update of the
+token; none depends on the position, so a router calibrated on short windows skips the same share of long
+prompts. "ftp" (FTP's set): log(1 + position), the log attention mass the token received in the previous block
+(summed over that step's queries that ran there, averaged over heads) and its rank among the step's tokens. It
+needs attention probabilities, which only eager attention returns, and it is not causal within a prefill (later
+queries raise a token's mass), so a prompt fed in pieces routes differently from the same prompt in one pass.
+Baselines score without learning: "static" by position (evenly spread), "random" by an integer hash of
 (position, block, seed), exact in any batch or cache layout, "shortgpt" drops whole blocks (target sparsity 1).
+
+Skip adapters (``adapter_rank`` > 0): a token that skips a block does not pass on unchanged but gets a rank-r
+linear update of its normalized state, ``normed @ down @ up + bias``, fitted to what the block would have added
+and then trained by distillation: about 1% of the block's FLOPs for a much smaller error.
 """
 
 from __future__ import annotations
@@ -25,13 +34,10 @@ GOLDEN = (math.sqrt(5) - 1) / 2
 
 @dataclass
 class BlockRecord:
-    """What one block decided in one forward pass: ``keep [b, s]`` bool, and in training the soft gate
-    ``gate [b, s]`` and the block's relative update of each token ``update [b, s]`` (the guide's target)."""
+    """What one block decided in one forward pass: ``keep [b, s]`` bool."""
 
     index: int
     keep: torch.Tensor
-    gate: torch.Tensor | None = None
-    update: torch.Tensor | None = None
 
 
 class TokenRouter(nn.Module):
@@ -41,14 +47,16 @@ class TokenRouter(nn.Module):
     def __init__(self, config: TokenRoutingConfig, num_layers: int, hidden_size: int) -> None:
         super().__init__()
         self.method = config.method
-        self.num_features = config.projections + 3
+        self.feature_set = config.features
+        self.num_features = config.projections + 2 if config.features == "residual" else 3
         self.register_buffer("block_sparsity", torch.zeros(num_layers))
         self.register_buffer("threshold", torch.zeros(num_layers))
         self.seed = config.seed
         if self.method == "learned":
-            generator = torch.Generator().manual_seed(config.seed)
-            self.projection = nn.Parameter(torch.randn(num_layers, config.projections, hidden_size,
-                                                       generator=generator) / math.sqrt(hidden_size))
+            if self.feature_set == "residual":
+                generator = torch.Generator().manual_seed(config.seed)
+                self.projection = nn.Parameter(torch.randn(num_layers, config.projections, hidden_size,
+                                                           generator=generator) / math.sqrt(hidden_size))
             self.register_buffer("feature_mean", torch.zeros(num_layers, self.num_features))
             self.register_buffer("feature_std", torch.ones(num_layers, self.num_features))
             if config.router == "shared-mlp":
@@ -56,10 +64,16 @@ class TokenRouter(nn.Module):
                                          nn.Linear(config.hidden, 1))
             else:
                 self.linear = nn.Parameter(torch.zeros(num_layers, self.num_features))
+        if config.adapter_rank:
+            shape = (num_layers, hidden_size, config.adapter_rank)
+            self.adapter_down = nn.Parameter(torch.zeros(shape))
+            self.adapter_up = nn.Parameter(torch.zeros(shape).transpose(1, 2).contiguous())
+            self.adapter_bias = nn.Parameter(torch.zeros(num_layers, hidden_size))
         self.enabled = True  # False: every block runs every token (the dense teacher)
         self.calibrating = False  # True: each block sets its threshold to hit its target on the batch it sees
         self.records: list[BlockRecord] | None = None  # collected while `recording()`
         self._previous: tuple[int, torch.Tensor] | None = None
+        self._received: tuple[int, torch.Tensor] | None = None
 
     def routes(self, index: int) -> bool:
         return self.enabled and bool(self.block_sparsity[index] > 0)
@@ -70,6 +84,14 @@ class TokenRouter(nn.Module):
     def remember(self, index: int, hidden: torch.Tensor) -> None:
         """The input of block `index`, for the next block's relative-update feature."""
         self._previous = (index, hidden.detach())
+
+    def remember_attention(self, index: int, probabilities: torch.Tensor | None, length: int) -> None:
+        """Block `index`'s attention ``probabilities [b, heads, queries, keys]`` (rows of queries that did not run
+        are zero; None: none ran), for the next block's attention-mass features of the step's last `length`
+        keys."""
+        if probabilities is not None:
+            probabilities = probabilities.detach().float().sum(2).mean(1)[:, -length:]
+        self._received = (index, probabilities)
 
     def score(self, index: int, hidden: torch.Tensor, normed: torch.Tensor,
               position_ids: torch.Tensor) -> torch.Tensor:
@@ -90,7 +112,10 @@ class TokenRouter(nn.Module):
 
     def features(self, index: int, hidden: torch.Tensor, normed: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
-        """``[b, s, projections + 3]`` raw features (see the module docstring); no gradient reaches the LLM."""
+        """``[b, s, num_features]`` raw features (see the module docstring) of the tokens at ``positions [b, s]``;
+        no gradient reaches the LLM."""
+        if self.feature_set == "ftp":
+            return self._attention_features(index, hidden, positions)
         hidden, normed = hidden.detach().float(), normed.detach().float()
         norm = hidden.norm(dim=-1).clamp_min(1e-6)
         update = torch.zeros_like(norm)
@@ -98,8 +123,27 @@ class TokenRouter(nn.Module):
                 self._previous[1].shape == hidden.shape:
             previous = self._previous[1].float()
             update = (hidden - previous).norm(dim=-1) / previous.norm(dim=-1).clamp_min(1e-6)
-        return torch.cat([normed @ self.projection[index].T, norm.log()[..., None],
-                          update[..., None], positions.log1p()[..., None]], -1)
+        return torch.cat([normed @ self.projection[index].T, norm.log()[..., None], update[..., None]], -1)
+
+    def _attention_features(self, index: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        received = torch.zeros(hidden.shape[:2], device=hidden.device)
+        if self._received is not None and self._received[0] == index - 1 and self._received[1] is not None and \
+                self._received[1].shape == received.shape:
+            received = self._received[1]
+        rank = received.argsort(dim=1).argsort(dim=1).float() / max(hidden.shape[1] - 1, 1)
+        return torch.stack([positions.float().log1p(), (received + 1e-6).log(), rank], -1)
+
+    @property
+    def adapts(self) -> bool:
+        return hasattr(self, "adapter_bias")
+
+    def skip_update(self, index: int, normed: torch.Tensor) -> torch.Tensor:
+        """``[..., H]``: what block `index` adds to tokens that skip it, from their normalized states ``normed
+        [..., H]`` (in its dtype); zeros without adapters."""
+        if not self.adapts:
+            return torch.zeros_like(normed)
+        update = normed.float() @ self.adapter_down[index] @ self.adapter_up[index] + self.adapter_bias[index]
+        return update.to(normed.dtype)
 
     def decide(self, index: int, hidden: torch.Tensor, normed: torch.Tensor,
                position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,12 +151,15 @@ class TokenRouter(nn.Module):
         score = self.score(index, hidden, normed, position_ids)
         if self.calibrating:
             with torch.no_grad():
-                self.threshold[index] = torch.quantile(score.detach().flatten().double(),
-                                                       self.block_sparsity[index].item()).float()
+                self.threshold[index] = self.batch_threshold(index, score)
         logit = score - self.threshold[index]
         sink = position_ids.expand(hidden.shape[0], -1) == 0
         keep = (logit > 0) | sink
         return keep, torch.where(sink, torch.ones_like(logit), torch.sigmoid(logit))
+
+    def batch_threshold(self, index: int, score: torch.Tensor) -> torch.Tensor:
+        """The threshold under which exactly block `index`'s target share of the tokens of ``score`` falls."""
+        return torch.quantile(score.detach().flatten().double(), self.block_sparsity[index].item()).float()
 
     def record(self, entry: BlockRecord) -> None:
         if self.records is not None:

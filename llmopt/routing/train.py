@@ -1,46 +1,84 @@
 """Router training with the LLM frozen, and the thresholds that hold each block to its target sparsity.
 
-Losses (see `RouterTrainingConfig`): distillation against the dense model (`llmopt.distill`, the teacher is the
-same model with routing switched off), a rate loss per block, and a decayed guide toward the update-size rule.
+Two stages (see `RouterTrainingConfig`): the guide, a regression of the router's scores onto the update-size rule
+on the dense model (forward passes only), then distillation against the dense model (`llmopt.distill`; the
+teacher is the same model with routing switched off) through straight-through gates, which trains the skip
+adapters and, at its own learning rate, the router. In distillation each block's threshold is re-set on every
+batch to skip exactly its target share, so the router can only choose *which* tokens skip, never how many.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import contextlib
+import time
 
-from llmopt.distill import distill, kl_divergence
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmopt.distill import cosine_decay, distill
 from llmopt.routing.config import RouterTrainingConfig
-from llmopt.routing.router import BlockRecord, TokenRouter
+from llmopt.routing.observe import each_block
+from llmopt.routing.router import TokenRouter
 
 
 @torch.no_grad()
-def fit_feature_statistics(model: nn.Module, router: TokenRouter, windows: torch.Tensor,
-                           layers: list[nn.Module]) -> None:
+def fit_feature_statistics(model: nn.Module, router: TokenRouter, windows: torch.Tensor) -> None:
     """Per-block mean and std of the router's raw features on the dense model, so one router serves all blocks."""
     sums: dict[int, list[torch.Tensor]] = {}
 
-    def observe(layer, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        positions = kwargs.get("position_ids")
-        positions = torch.arange(hidden.shape[1])[None] if positions is None else positions
-        features = router.features(layer.layer_index, hidden, layer.input_layernorm(hidden),
-                                   positions.expand(hidden.shape[0], -1).float())
-        sums.setdefault(layer.layer_index, []).append(features.flatten(0, 1).double())
+    def before(index, hidden, normed, positions):
+        sums.setdefault(index, []).append(router.features(index, hidden, normed, positions).flatten(0, 1).double())
 
-    handles = [layer.register_forward_pre_hook(observe, with_kwargs=True) for layer in layers]
-    try:
-        with router.disabled():
-            for batch in windows.split(4):
-                model(input_ids=batch.to(router.threshold.device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    each_block(model, router, windows, before, lambda *_: None)
     for index, chunks in sums.items():
         features = torch.cat(chunks)
         router.feature_mean[index] = features.mean(0).float()
         router.feature_std[index] = features.std(0).clamp_min(1e-6).float()
+
+
+def relative_update(hidden: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``[b, s]``: ‖block(x) − x‖ / ‖x‖ per token, float32."""
+    return (output - hidden).float().norm(dim=-1) / hidden.float().norm(dim=-1).clamp_min(1e-6)
+
+
+def guide_router(model: nn.Module, router: TokenRouter, windows: torch.Tensor,
+                 config: RouterTrainingConfig) -> dict:
+    """The guide: `config.guide_steps` Adam steps in which every routed block's scores regress the standardized
+    log relative update of its tokens (position 0, always kept, left out). Returns ``{"steps", "tokens",
+    "seconds", "curve"}``."""
+    optimizer = torch.optim.Adam(router.parameters(), lr=config.guide_learning_rate)
+    batches = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(1))]
+    routed = [index for index in range(len(router.threshold)) if 0 < router.block_sparsity[index] < 1]
+    losses: list[float] = []
+
+    def before(index, hidden, normed, positions):
+        with torch.enable_grad():
+            return index, hidden, router.score(index, hidden, normed, positions)
+
+    def after(entry, output):
+        index, hidden, score = entry
+        target = relative_update(hidden, output)[:, 1:].log()
+        target = (target - target.mean()) / target.std().clamp_min(1e-6)
+        with torch.enable_grad():
+            loss = (score[:, 1:] - target).square().mean() / len(routed)
+            loss.backward()
+        losses[-1] += loss.item()
+
+    started = time.perf_counter()
+    bar = tqdm(range(config.guide_steps), desc="router guide", unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_decay(config.guide_learning_rate, step / config.guide_steps)
+        pick = torch.arange(step * config.batch_size, (step + 1) * config.batch_size) % len(batches)
+        losses.append(0.0)
+        optimizer.zero_grad(set_to_none=True)
+        each_block(model, router, batches[pick], before, after, batch_size=config.batch_size)
+        optimizer.step()
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    router.zero_grad(set_to_none=True)
+    return {"steps": len(losses), "tokens": len(losses) * config.batch_size * windows.shape[1],
+            "seconds": round(time.perf_counter() - started, 1), "curve": [round(value, 5) for value in losses]}
 
 
 @torch.no_grad()
@@ -51,7 +89,7 @@ def calibrate_thresholds(model: nn.Module, router: TokenRouter, windows: torch.T
     model.eval()
     try:
         with router.calibrating_thresholds():
-            model(input_ids=windows.to(router.threshold.device), use_cache=False)
+            model.model(input_ids=windows.to(router.threshold.device), use_cache=False)
     finally:
         model.train(was_training)
 
@@ -62,49 +100,24 @@ def achieved_sparsity(model: nn.Module, router: TokenRouter, windows: torch.Tens
     skipped = [1.0 if router.dropped(index) else 0.0 for index in range(len(router.threshold))]
     with router.recording() as records:
         for batch in windows.split(4):
-            model(input_ids=batch.to(router.threshold.device), use_cache=False)
+            model.model(input_ids=batch.to(router.threshold.device), use_cache=False)
     for index in {record.index for record in records}:
         keeps = torch.cat([record.keep.flatten() for record in records if record.index == index])
         skipped[index] = 1 - keeps.double().mean().item()
     return skipped
 
 
-def guide_targets(record: BlockRecord, share: float) -> torch.Tensor:
-    """1 for the tokens the update-size rule keeps: all but each sequence's `share` with the smallest update."""
-    count = int(share * record.update.shape[1])
-    if count == 0:
-        return torch.ones_like(record.update)
-    cut = record.update.kthvalue(count, dim=1, keepdim=True).values
-    return (record.update > cut).float()
-
-
 def train_router(model: nn.Module, router: TokenRouter, windows: torch.Tensor,
                  config: RouterTrainingConfig) -> dict:
-    """Train the router's parameters on ``windows [n, seq_len]``; returns the curves (total, KL, rate, guide)."""
-    parts: dict[str, list[float]] = {"kl": [], "rate": [], "guide": []}
-    guide_steps = max(1, round(config.guide_fraction * config.steps))
-
-    def loss(_model: nn.Module, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        records = list(router.records)
-        router.records.clear()
-        step = len(parts["kl"])
-        guide_weight = config.guide_weight * max(0.0, 1 - step / guide_steps)
-        kl = kl_divergence(student, teacher)
-        rate = guide = torch.zeros((), device=student.device)
-        for record in records:
-            target = router.block_sparsity[record.index]
-            gate = record.gate.float()
-            rate = rate + ((1 - gate).mean() - target) ** 2 / len(records)
-            if guide_weight:
-                guide = guide + F.binary_cross_entropy(gate.clamp(1e-6, 1 - 1e-6),
-                                                       guide_targets(record, target.item())) / len(records)
-        for name, value in (("kl", kl), ("rate", rate), ("guide", guide)):
-            parts[name].append(round(value.item(), 5))
-        return kl + config.rate_weight * rate + guide_weight * guide
-
-    with router.recording():
-        result = distill(model, list(router.parameters()), router.disabled, windows, config, loss,
-                         desc="router training")
-    steps, tokens, seconds = result["steps"], result["tokens"], result["seconds"]
-    return {"training": result, **{f"training_{name}": {"steps": steps, "tokens": tokens, "seconds": seconds,
-                                                         "curve": curve[:steps]} for name, curve in parts.items()}}
+    """Distil the routed model toward the dense one on ``windows [n, seq_len]``, training the skip adapters (if
+    any) and the router's own parameters (learning rate × `router_learning_rate / learning_rate`)."""
+    adapters = [router.adapter_down, router.adapter_up, router.adapter_bias] if router.adapts else []
+    scoring = [p for p in router.parameters() if all(p is not a for a in adapters)]
+    groups = [{"params": adapters}] if adapters else []
+    if scoring and config.router_learning_rate:
+        groups.append({"params": scoring, "scale": config.router_learning_rate / config.learning_rate})
+    if not groups:
+        return {}
+    exact_rate = router.calibrating_thresholds() if router.method == "learned" else contextlib.nullcontext()
+    with exact_rate:
+        return distill(model, groups, router.disabled, windows, config, desc="router distillation")

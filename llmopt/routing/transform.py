@@ -1,4 +1,5 @@
-"""Token routing as one transform: allocate per-block sparsity → (learned) train routers → hold thresholds to target.
+"""Token routing as one transform: allocate per-block sparsity → (learned) guide the router → fit the skip adapters
+→ distil (adapters, and the router at its own rate) → hold thresholds to target.
 
 The result is not vanilla: decoder layers become `RoutedLlamaDecoderLayer` (same weights, same names) and the
 router lives at ``model.model.token_router``, saved with the weights.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from llmopt.arch.adapter import UnsupportedModelError, architecture
 from llmopt.config import ConfigError
+from llmopt.routing.adapters import fit_adapters
 from llmopt.routing.allocation import (
     block_influence,
     block_sensitivity,
@@ -26,7 +29,13 @@ from llmopt.routing.config import TokenRoutingConfig
 from llmopt.routing.flops import block_flops, skipped
 from llmopt.routing.layer import RoutedLlamaDecoderLayer
 from llmopt.routing.router import TokenRouter
-from llmopt.routing.train import achieved_sparsity, calibrate_thresholds, fit_feature_statistics, train_router
+from llmopt.routing.train import (
+    achieved_sparsity,
+    calibrate_thresholds,
+    fit_feature_statistics,
+    guide_router,
+    train_router,
+)
 from llmopt.transforms import CalibrationContext, Transform
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -43,7 +52,13 @@ def install(model: nn.Module, config: TokenRoutingConfig) -> TokenRouter:
         layer.__class__ = RoutedLlamaDecoderLayer
         layer.layer_index = index
         object.__setattr__(layer, "_token_router", router)  # shared, registered once: at model.model
+        if config.features == "ftp":  # the blocks that run dense hand their eager attention weights on
+            layer.self_attn.register_forward_hook(partial(hand_on_attention, router, index), with_kwargs=True)
     return router
+
+
+def hand_on_attention(router: TokenRouter, index: int, _module, _args, kwargs, output) -> None:
+    router.remember_attention(index, output[1], kwargs["hidden_states"].shape[1])
 
 
 def router_of(model: nn.Module) -> TokenRouter:
@@ -61,17 +76,24 @@ class TokenRouting(Transform):
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(f"routing: attention implementation {implementation!r} is not supported; load the "
                               f"model with attn_implementation in {ATTENTION_IMPLEMENTATIONS}")
+        if config.features == "ftp" and config.method == "learned" and implementation != "eager":
+            raise ConfigError(f"routing.features = 'ftp' needs attention probabilities, which only eager attention "
+                              f"returns; load the model with attn_implementation='eager' (it has "
+                              f"{implementation!r}) or use features: residual")
         too_large = [b for b in config.dense_blocks if b >= len(layers)]
         if too_large:
             raise ConfigError(f"routing.dense_blocks {too_large} are not blocks of this {len(layers)}-block model")
+        if config.adapter_rank >= model.config.hidden_size:
+            raise ConfigError(f"routing.adapter_rank = {config.adapter_rank} must be below the hidden size "
+                              f"({model.config.hidden_size}); a full-rank adapter costs as much as a small block")
         if self._needs_data(config):
             self._windows(config, context)
-        if config.training is not None and config.method == "learned":
+        if config.training is not None:
             context.windows(config.training.seq_len, config.training.tokens)
 
     @staticmethod
     def _needs_data(config: TokenRoutingConfig) -> bool:
-        return config.method in ("learned", "shortgpt") or config.allocation == "search"
+        return config.method in ("learned", "shortgpt") or config.allocation == "search" or config.adapter_rank > 0
 
     @staticmethod
     def _windows(config: TokenRoutingConfig, context: CalibrationContext) -> torch.Tensor:
@@ -81,7 +103,7 @@ class TokenRouting(Transform):
         router = install(model, config)
         num_layers = len(router.threshold)
         windows = self._windows(config, context) if self._needs_data(config) else None
-        share = block_flops(model.config).skipped_share(config.seq_len)
+        share = block_flops(model.config, config.adapter_rank).skipped_share(config.seq_len)
         details: dict = {}
         started = time.perf_counter()
         blocks: dict[str, list] = {}
@@ -103,14 +125,22 @@ class TokenRouting(Transform):
                                           config.max_block_sparsity)
         router.block_sparsity.copy_(torch.tensor(sparsity))
         details["allocation_seconds"] = round(time.perf_counter() - started, 1)
-        if config.method == "learned":
-            layers = list(model.model.layers)
-            fit_feature_statistics(model, router, windows, layers)
+        learned = config.method == "learned"
+        training = config.training
+        training_windows = None if training is None else context.windows(training.seq_len, training.tokens)
+        if learned:
+            fit_feature_statistics(model, router, windows)
+            details["guide"] = guide_router(model, router, training_windows, training)
             calibrate_thresholds(model, router, windows)
-            context.observe("untrained", model)
-            training_windows = context.windows(config.training.seq_len, config.training.tokens)
-            details.update(train_router(model, router, training_windows, config.training))
-            calibrate_thresholds(model, router, windows)
+        if config.adapter_rank:
+            blocks["adapter_fit_tokens"] = fit_adapters(model, router, windows)
+            if learned:
+                calibrate_thresholds(model, router, windows)
+        if training is not None:
+            context.observe("before distillation", model)
+            details["training"] = train_router(model, router, training_windows, training)
+            if learned:
+                calibrate_thresholds(model, router, windows)
         if windows is not None:
             blocks["achieved_sparsity"] = [round(v, 4) for v in achieved_sparsity(model, router, windows)]
         blocks["target_sparsity"] = [round(v, 4) for v in sparsity]
@@ -123,8 +153,13 @@ class TokenRouting(Transform):
         install(model, config)
 
     def baselines(self, config: TokenRoutingConfig) -> dict[str, TokenRoutingConfig]:
-        return {"shortgpt": dataclasses.replace(config, method="shortgpt", training=None),
-                "static": dataclasses.replace(config, method="static", training=None),
+        """ShortGPT as published (blocks dropped, nothing in their place); with the recipe's adapters, ShortGPT's
+        dropped blocks replaced by adapters trained the same way; the static and random rules (adapters fitted,
+        not trained); ours with uniform allocation."""
+        baselines = {"shortgpt": dataclasses.replace(config, method="shortgpt", adapter_rank=0, training=None)}
+        if config.adapter_rank:
+            baselines["shortgpt-adapters"] = dataclasses.replace(config, method="shortgpt")
+        return {**baselines, "static": dataclasses.replace(config, method="static", training=None),
                 "random": dataclasses.replace(config, method="random", training=None),
                 "uniform": dataclasses.replace(config, allocation="uniform")}
 
@@ -148,4 +183,5 @@ class TokenRouting(Transform):
             model.train(was_training)
         keeps = {index: torch.cat([r.keep.cpu() for r in records if r.index == index])
                  for index in {r.index for r in records}}
-        return skipped(block_flops(model.config), num_layers, windows.shape[1], len(windows), keeps, dropped)
+        return skipped(block_flops(model.config, config.adapter_rank), num_layers, windows.shape[1], len(windows),
+                       keeps, dropped)

@@ -26,11 +26,12 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 from llmopt.record import read_record
 from llmopt.routing.router import TokenRouter
 from llmopt.vllm_plugin.kept_attention import kept_attention, step_metadata, write_kv
+from llmopt.vllm_plugin.servable import FTP, FTP_REFUSAL
 
 
 class RoutedDecoderLayer(LlamaDecoderLayer):
     """vLLM's Llama layer asking the model's router which tokens run it. Returns ``(mlp_out, residual)`` as vLLM's
-    layers do (the next norm adds them): a skipped token's row is ``(0, its input)``."""
+    layers do (the next norm adds them): a skipped token's row is ``(its skip adapter's update or 0, its input)``."""
 
     token_router: TokenRouter
 
@@ -50,7 +51,7 @@ class RoutedDecoderLayer(LlamaDecoderLayer):
         # a fresh tensor: vLLM's norms add the residual in place, and the router keeps this for the next block
         x = hidden_states.clone() if residual is None else hidden_states + residual
         if router.dropped(index):
-            output = torch.zeros_like(x), x
+            output = router.skip_update(index, self.input_layernorm(x)), x
         elif router.routes(index):
             output = self._routed(positions, x)
         else:
@@ -77,12 +78,20 @@ class RoutedDecoderLayer(LlamaDecoderLayer):
             write_kv(attention.attn, k, v)
             self.tokens_kept += len(rows)
             if len(rows) == 0:
-                return torch.zeros_like(x), x
+                return self._skip_updates(normed, keep), x
             q, _ = attention.rotary_emb(positions[rows], q[rows])
             attended = kept_attention(attention.attn, metadata, q, rows, positions)
         update, _ = attention.o_proj(attended)
         mlp_in, kept = self.post_attention_layernorm(update, x[rows])
-        return torch.zeros_like(x).index_copy_(0, rows, self.mlp(mlp_in)), x.index_copy(0, rows, kept)
+        return self._skip_updates(normed, keep).index_copy_(0, rows, self.mlp(mlp_in)), x.index_copy(0, rows, kept)
+
+    def _skip_updates(self, normed: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``[T, H]``: the skip adapter's update in the rows of skipped tokens, zeros elsewhere."""
+        updates = torch.zeros_like(normed)
+        if self.token_router.adapts:
+            skipped = (~keep).nonzero().squeeze(1)
+            updates.index_copy_(0, skipped, self.token_router.skip_update(self.layer_index, normed[skipped]))
+        return updates
 
 
 @contextlib.contextmanager
@@ -113,6 +122,8 @@ class LlmoptLlamaForCausalLM(LlamaForCausalLM):
         if routing is None:
             raise ValueError("llmopt: this checkpoint names LlmoptLlamaForCausalLM but its llmopt record has no "
                              "routing; re-save it with llmopt")
+        if routing.features == FTP:
+            raise ValueError(f"llmopt: cannot serve {FTP_REFUSAL}")
         router = TokenRouter(routing, config.num_hidden_layers, config.hidden_size).float().eval()
         self.model.token_router = router
         for layer in self.model.layers:

@@ -28,7 +28,15 @@ def needs_plugin(record: OptimizationConfig | None) -> list[str]:
 
 def unservable(record: OptimizationConfig | None, cpu: bool) -> list[str]:
     """The transforms of `record` that this vLLM cannot serve, even with this plugin."""
-    return [name for name in needs_plugin(record) if name not in served_by_plugin(cpu)]
+    refused = [name for name in needs_plugin(record) if name not in served_by_plugin(cpu)]
+    routing = record.get("routing") if record is not None else None
+    if routing is not None and routing.features == FTP and "routing" not in refused:
+        refused.append(FTP_REFUSAL)
+    return refused
+
+
+FTP, FTP_REFUSAL = "ftp", ("routing on FTP features (attention mass: vLLM's attention kernels do not return "
+                           "attention probabilities; serve a router trained on features: residual)")
 
 
 def _vanilla(settings: Any) -> bool:
