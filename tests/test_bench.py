@@ -133,15 +133,15 @@ def test_report_writer(tmp_path):
 
 
 def test_runner_moves_a_finished_folder_into_place(tmp_path, capsys):
-    out = run_bench("smollm2-135m", tmp_path / "b", recipe=tmp_path / "kv.yaml", sections=["routing"], quick=True,
-                    argv=["bench", "--sections", "routing"])
+    out = run_bench("smollm2-135m", tmp_path / "b", recipe=tmp_path / "kv.yaml", sections=["calibration"],
+                    quick=True, argv=["bench", "--sections", "calibration"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
     data = json.loads((out / "bench.json").read_text())
-    assert data["command"] == "llmopt bench --sections routing" and data["machine"]["cores"] >= 1
+    assert data["command"] == "llmopt bench --sections calibration" and data["machine"]["cores"] >= 1
     assert data["versions"]["torch"] and data["started"]
-    assert "routing: skipped" in capsys.readouterr().out
+    assert "calibration: skipped" in capsys.readouterr().out
     with pytest.raises(FileExistsError):
-        run_bench("smollm2-135m", out, recipe=tmp_path / "kv.yaml", sections=["routing"])
+        run_bench("smollm2-135m", out, recipe=tmp_path / "kv.yaml", sections=["calibration"])
 
 
 def _engine_results(tokens: int, step_s: float) -> dict:
@@ -178,6 +178,44 @@ def test_vllm_sections_on_made_up_measurements(tmp_path):
     serve = serving.run(bench)
     assert serve.rows[0].bound == "concurrency 3 → 12" and serve.rows[0].ratio.median == 1.0
     assert {s.plot for s in speed.series + serve.series} == {"throughput_vs_concurrency", "speed_vs_context"}
+
+
+def test_routing_section_times_a_routed_checkpoint(tmp_path, monkeypatch):
+    """transformers timings of a tiny routed checkpoint for real; the vLLM engine's results made up."""
+    import torch
+
+    from llmopt import OptimizationConfig, TokenRoutingConfig, patch_model, save_optimized
+    from llmopt.bench import routing, sparse_attention
+    from llmopt.bench.runner import Bench
+    from llmopt.bench.settings import QUICK
+
+    model = tiny_model(max_position_embeddings=2048)
+    model.save_pretrained(tmp_path / "tiny")
+    config = TokenRoutingConfig(method="random", allocation="uniform", training=None, adapter_rank=0)
+    patch_model(model, OptimizationConfig(routing=config))
+    save_optimized(model, tmp_path / "tiny-routed")
+    generator = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(sparse_attention, "heldout_tokens",
+                        lambda _tokenizer, length: torch.randint(1, 97, (1, length), generator=generator))
+    engines = []
+
+    def engine(job, _log):
+        engines.append(job)
+        seconds = [4.0, 4.4] if "routed" in job["model"] else [5.0, 5.5]
+        return {"tasks": [{**job["tasks"][0], "seconds": seconds, "skipped_share": {"1": 0.3, "2": 0.5}}]}
+
+    monkeypatch.setattr(routing, "run_engine", engine)
+    bench = Bench(str(tmp_path / "tiny"), tmp_path / "kv.yaml", QUICK, tmp_path)
+    bench.shared["routed"] = tmp_path / "tiny-routed"
+    result = routing.run(bench)
+    assert [job["tasks"][0]["kind"] for job in engines] == ["text", "text"]
+    prefill, *decode, requests, tokens = result.rows
+    assert "prefill, 1024 tokens" in prefill.claim and prefill.ratio.median > 0
+    assert [row.claim for row in decode] == ["transformers greedy decode, batch 1",
+                                             "transformers greedy decode, batch 4"]
+    assert requests.ratio.median == pytest.approx(5.25 / 4.2)
+    assert tokens.optimized.median == pytest.approx((8 * 32 / 4.0 + 8 * 32 / 4.4) / 2)
+    assert "1: 30%, 2: 50% (mean 40%)" in result.notes[1]
 
 
 @pytest.mark.slow

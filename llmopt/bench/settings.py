@@ -11,7 +11,9 @@ class Settings:
     `capacity_gib`: the KV space (``VLLM_CPU_KVCACHE_SPACE``) at which vLLM's capacity is read; None reads it at the
     serving budget from the serving engine (one engine per model). `serving_loads`: (requests, prompt, output);
     their fixed KV budget holds `serving_concurrency` sequences of the original's longest load; each is timed
-    `serving_repeats` times."""
+    `serving_repeats` times. Routing: a prefill of `routing_prefill` tokens, greedy decode at each of
+    `routing_decode_batches` (`decode_tokens` tokens after 128-token prompts), and vLLM throughput of
+    `routing_throughput` (requests, prompt, output) on held-out text."""
 
     repeats: int
     warmup: int
@@ -25,6 +27,9 @@ class Settings:
     max_model_len: int
     sparse_lengths: tuple[int, ...]
     sparse_layers: tuple[int, ...]
+    routing_prefill: int
+    routing_decode_batches: tuple[int, ...]
+    routing_throughput: tuple[int, int, int]
     time_calibration: bool
 
 
@@ -33,10 +38,12 @@ FULL = Settings(repeats=5, warmup=1, capacity_gib=4,
                 serving_loads=((64, 1024, 256), (64, 32, 512)), serving_repeats=3, serving_concurrency=16,
                 max_num_seqs=64,
                 max_model_len=4096, sparse_lengths=(4096, 8192, 16384), sparse_layers=(3, 6, 9),
+                routing_prefill=2048, routing_decode_batches=(1, 8), routing_throughput=(32, 256, 64),
                 time_calibration=True)
 
 # One engine per model at the serving budget: it must also hold the largest decode load (4 sequences of one block).
 QUICK = Settings(repeats=3, warmup=1, capacity_gib=None,
                  decode_loads=((1, 32), (1, 96), (4, 96)), decode_tokens=32,
                  serving_loads=((24, 32, 64),), serving_repeats=3, serving_concurrency=8, max_num_seqs=32,
-                 max_model_len=256, sparse_lengths=(1024, 2048), sparse_layers=(3,), time_calibration=False)
+                 max_model_len=256, sparse_lengths=(1024, 2048), sparse_layers=(3,), routing_prefill=1024,
+                 routing_decode_batches=(1, 4), routing_throughput=(8, 64, 32), time_calibration=False)

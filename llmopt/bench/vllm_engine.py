@@ -1,9 +1,10 @@
 """vLLM measurements in a process of their own: ``python -m llmopt.bench.vllm_engine JOB_JSON`` prints one line
 ``RESULT <json>``. vLLM starts its workers with spawn, so an engine never runs inside the bench's own process.
 
-A job names a model, its KV cache space and a list of tasks; every task uses random prompt tokens and
-``ignore_eos`` (lengths are exact and the weights' values do not matter for speed), and prefix caching is off so
-that repeats do not reuse each other's prompts.
+A job names a model, its KV cache space and a list of tasks; decode and serve tasks use random prompt tokens (the
+weights' values do not matter for speed), text tasks held-out text (a routed model's speed depends on what it
+reads); every task uses ``ignore_eos`` (lengths are exact), and prefix caching is off so that repeats do not reuse
+each other's prompts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ MARKER = "RESULT "
 def run_engine(job: dict, log: Path, timeout: float = 3600) -> dict:
     """Run `job` in a fresh Python process (its vLLM log goes to `log`); returns the parsed result."""
     env = dict(os.environ)
+    env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # `apply_model` reads a routed model's counts from the worker
     if job.get("kv_space_gib") is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(job["kv_space_gib"])
     else:
@@ -76,6 +78,27 @@ def _serve(llm, task: dict, vocab: int) -> dict:
     return {"seconds": seconds}
 
 
+def _text(llm, task: dict, vocab: int) -> dict:
+    """`_serve` on prompts of held-out Wikipedia text (what a routed model's decisions depend on), the same
+    prompts in every repeat; for a routed model also the share of tokens each routed block skipped."""
+    from operator import methodcaller
+
+    from transformers import AutoTokenizer
+
+    from llmopt.bench.sparse_attention import heldout_tokens
+    from llmopt.vllm_plugin import ROUTED_ARCHITECTURE
+
+    length = task["prompt"]
+    ids = heldout_tokens(AutoTokenizer.from_pretrained(llm.llm_engine.model_config.model),
+                         task["requests"] * length)[0].tolist()
+    prompts = [{"prompt_token_ids": ids[i * length:(i + 1) * length]} for i in range(task["requests"])]
+    result: dict = {"seconds": [_generate(llm, prompts, task["output"])[0] for _ in range(task["repeats"])]}
+    if llm.llm_engine.model_config.architectures == [ROUTED_ARCHITECTURE]:
+        counts = llm.apply_model(methodcaller("routing_counts"))[0]
+        result["skipped_share"] = {block: round(1 - kept / seen, 4) for block, (seen, kept) in counts.items()}
+    return result
+
+
 def main() -> None:
     from vllm import LLM
 
@@ -91,7 +114,7 @@ def main() -> None:
     for seed in range(3):  # the first calls of a fresh engine are slow (allocation, oneDNN kernel selection)
         _generate(llm, _prompts(4, 64, vocab, seed=1000 + seed), 8)
     for task in job["tasks"]:
-        run = {"decode": _decode, "serve": _serve}[task["kind"]]
+        run = {"decode": _decode, "serve": _serve, "text": _text}[task["kind"]]
         result["tasks"].append({**task, **run(llm, task, vocab)})
     print(MARKER + json.dumps(result), flush=True)
 
