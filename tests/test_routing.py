@@ -118,9 +118,13 @@ def test_ftp_features_hand_on_the_attention_mass_of_the_queries_that_ran(token_w
     assert torch.equal(features[0, :, 0], torch.arange(40).float().log1p())
 
 
-def test_ftp_features_need_eager_attention(token_windows_tiny):
-    with pytest.raises(ConfigError, match="only eager attention returns"):
-        patch_model(tiny_model(), tiny_config(features="ftp"), calibration=token_windows_tiny)
+def test_ftp_features_train_and_reload_on_eager_attention(token_windows_tiny, tmp_path):
+    model = patch_model(tiny_model(), tiny_config(features="ftp"), calibration=token_windows_tiny)
+    assert model.config._attn_implementation == "eager"
+    reloaded, _ = load_optimized(save_optimized(model, tmp_path / "ftp"))
+    assert reloaded.config._attn_implementation == "eager"
+    ids = token_windows_tiny[:3]
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
 
 
 def test_skipped_tokens_are_not_computed_but_write_their_kv(token_windows_tiny):
@@ -296,12 +300,14 @@ def test_per_block_linear_router_trains(token_windows_tiny):
 
 def test_greedy_allocation_spends_the_budget_where_it_hurts_least():
     sensitivity = torch.tensor([[9.0, 9.0, 9.0], [0.1, 0.2, 0.4], [1.0, 2.0, 4.0], [0.01, 0.02, 5.0]])
-    shares = greedy_allocation(sensitivity, budget=0.25, dense_blocks=[0], skipped_share=1.0, maximum=0.9)
+    shares = greedy_allocation(sensitivity, budget=0.25, dense_blocks=[0], skipped_share=1.0, maximum=0.9,
+                               levels=(0.3, 0.6, 0.9))
     assert shares[0] == 0.0
     assert sum(shares) == pytest.approx(1.0, abs=0.03)
     assert shares[1] > shares[2] and shares[3] > shares[2]
     with pytest.raises(ConfigError, match="cannot be reached"):
-        greedy_allocation(sensitivity, budget=0.9, dense_blocks=[0], skipped_share=1.0, maximum=0.9)
+        greedy_allocation(sensitivity, budget=0.9, dense_blocks=[0], skipped_share=1.0, maximum=0.9,
+                          levels=(0.3, 0.6, 0.9))
 
 
 def test_uniform_allocation_and_shortgpt_blocks():

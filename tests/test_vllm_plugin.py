@@ -180,8 +180,8 @@ def test_sparse_checkpoint_gives_the_greedy_tokens_of_the_sparse_model_in_transf
     assert result["cached"][1][0] >= 256, result["cached"]
 
 
-def routed_model(calibration: torch.Tensor, kv: KVCompressionConfig | None = None):
-    recipe = OptimizationConfig(routing=ROUTING, **({"kv": kv} if kv else {}))
+def routed_model(calibration: torch.Tensor, kv: KVCompressionConfig | None = None, sparse: bool = False):
+    recipe = OptimizationConfig(routing=ROUTING, **({"kv": kv} if kv else {}), **({"sparse": SPARSE} if sparse else {}))
     return patch_model(tiny_model(**SHAPE), recipe, calibration=calibration)
 
 
@@ -204,16 +204,21 @@ def test_routed_checkpoint_names_the_plugins_architecture_and_still_loads_in_tra
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("kv, eager", [(None, True), (KVCompressionConfig(num_kv_heads=1, method="mean-pool"), False)],
-                         ids=["routing", "kv+routing-default-mode"])
+@pytest.mark.parametrize("kv, sparse, eager", [
+    (None, False, True), (KVCompressionConfig(num_kv_heads=1, method="mean-pool"), False, False),
+    (KVCompressionConfig(num_kv_heads=1, method="mean-pool"), True, True)],
+    ids=["routing", "kv+routing-default-mode", "kv+routing+sparse"])
 def test_routed_checkpoint_gives_the_greedy_tokens_and_skips_of_the_routed_model_in_transformers(
-        tmp_path, prompts, token_windows_tiny, kv, eager):
-    """Eager, and in vLLM's default mode (compilation on: the routed model stays eager, but vLLM's layers switch
-    to their native torch implementations, e.g. a rotary embedding that is not in place)."""
-    routed = routed_model(token_windows_tiny, kv)
+        tmp_path, prompts, token_windows_tiny, kv, sparse, eager):
+    """Eager, in vLLM's default mode (compilation on: the routed model stays eager, but vLLM's layers switch
+    to their native torch implementations, e.g. a rotary embedding that is not in place), and composed with
+    sparse attention (the blocks that run dense use it; a routed block's kept tokens attend densely)."""
+    routed = routed_model(token_windows_tiny, kv, sparse)
     router = routed.model.token_router
     with router.recording() as records:
         expected = {name: greedy(routed, ids) for name, ids in prompts.items()}
+    if sparse:  # the long prompts engaged sparse attention in the blocks that ran dense
+        assert routed.llmopt_sparse_stats.calls.get("torch", 0) > 0 and routed.llmopt_sparse_stats.density < 0.9
     dense = tiny_model(**SHAPE)
     assert any(tokens != greedy(dense, prompts[name]) for name, tokens in expected.items())
     counts: dict[str, list[int]] = {}

@@ -16,7 +16,7 @@ from llmopt.config import ConfigError
 from llmopt.distill import kl_divergence
 from llmopt.hooks import first_layer_inputs, layer_output, next_layer_inputs
 
-LEVELS = (0.3, 0.6, 0.9)
+LEVELS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
 STEP = 0.025
 
 
@@ -36,11 +36,11 @@ def uniform_allocation(budget: float, num_layers: int, dense_blocks: list[int], 
 
 
 def greedy_allocation(sensitivity: torch.Tensor, budget: float, dense_blocks: list[int], skipped_share: float,
-                      maximum: float) -> list[float]:
-    """Per-block token sparsity from ``sensitivity [n, len(LEVELS)]`` (KL at each level, 0 at no skipping, linear
+                      maximum: float, levels: tuple[float, ...] = LEVELS) -> list[float]:
+    """Per-block token sparsity from ``sensitivity [n, len(levels)]`` (KL at each level, 0 at no skipping, linear
     between), raised in steps of `STEP` where the KL grows least until the skipped FLOPs reach `budget`."""
     num_layers = sensitivity.shape[0]
-    levels = torch.tensor((0.0, *LEVELS), dtype=torch.float64)
+    levels = torch.tensor((0.0, *levels), dtype=torch.float64)
     curve = torch.cat([torch.zeros(num_layers, 1, dtype=torch.float64), sensitivity.double()], 1)
 
     def kl(index: int, share: float) -> float:

@@ -30,7 +30,7 @@ class RouterTrainingConfig(DistillationConfig):
     batch_size: int = 4
     tokens: int = 65536
     warmup_steps: int = 5
-    guide_steps: int = 200
+    guide_steps: int = 100
     guide_learning_rate: float = 3e-3
     router_learning_rate: float = 1e-4
 
@@ -53,13 +53,14 @@ class TokenRoutingConfig:
     position), "random" (a hash of the token, no learning), "shortgpt" (drop whole blocks with the lowest Block
     Influence). ``allocation``: per-block sparsity by greedy search on measured block sensitivity, or "uniform".
     ``features``: what the learned router sees, "residual" (from the residual stream; any attention kernel, vLLM
-    included) or "ftp" (FTP's position and attention-mass features; eager attention in transformers only; see
-    `llmopt.routing.router`). ``router``: one MLP of width ``hidden`` shared by all blocks, or a linear router
+    included) or "ftp" (FTP's position and attention-mass features; they switch the model to eager attention and
+    are not served by vLLM; see `llmopt.routing.router`). ``router``: one MLP of width ``hidden`` shared by all blocks, or a linear router
     per block. ``dense_blocks``
     never skip (block 0: skipping there is catastrophic). ``adapter_rank``: a token that skips a block gets a
     rank-r linear update of its normalized state instead of none (fitted by least squares, then trained with the
     router; 0: plain pass-through). Allocation, feature statistics, adapter fits and thresholds use
-    ``calibration_tokens`` tokens in windows of ``seq_len``.
+    ``calibration_tokens`` tokens in windows of ``seq_len``. ``seed``: the initial router and the order of the
+    guide's batches (and the random baseline's hash).
     """
 
     name: ClassVar[str] = "routing"

@@ -53,17 +53,18 @@ class TokenRouter(nn.Module):
         self.register_buffer("threshold", torch.zeros(num_layers))
         self.seed = config.seed
         if self.method == "learned":
-            if self.feature_set == "residual":
-                generator = torch.Generator().manual_seed(config.seed)
-                self.projection = nn.Parameter(torch.randn(num_layers, config.projections, hidden_size,
-                                                           generator=generator) / math.sqrt(hidden_size))
             self.register_buffer("feature_mean", torch.zeros(num_layers, self.num_features))
             self.register_buffer("feature_std", torch.ones(num_layers, self.num_features))
-            if config.router == "shared-mlp":
-                self.mlp = nn.Sequential(nn.Linear(self.num_features + 1, config.hidden), nn.GELU(),
-                                         nn.Linear(config.hidden, 1))
-            else:
-                self.linear = nn.Parameter(torch.zeros(num_layers, self.num_features))
+            with torch.random.fork_rng(devices=[]):  # the seed decides the initial router, nothing else
+                torch.manual_seed(config.seed)
+                if self.feature_set == "residual":
+                    self.projection = nn.Parameter(torch.randn(num_layers, config.projections, hidden_size)
+                                                   / math.sqrt(hidden_size))
+                if config.router == "shared-mlp":
+                    self.mlp = nn.Sequential(nn.Linear(self.num_features + 1, config.hidden), nn.GELU(),
+                                             nn.Linear(config.hidden, 1))
+                else:
+                    self.linear = nn.Parameter(torch.zeros(num_layers, self.num_features))
         if config.adapter_rank:
             shape = (num_layers, hidden_size, config.adapter_rank)
             self.adapter_down = nn.Parameter(torch.zeros(shape))

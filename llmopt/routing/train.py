@@ -48,7 +48,7 @@ def guide_router(model: nn.Module, router: TokenRouter, windows: torch.Tensor,
     log relative update of its tokens (position 0, always kept, left out). Returns ``{"steps", "tokens",
     "seconds", "curve"}``."""
     optimizer = torch.optim.Adam(router.parameters(), lr=config.guide_learning_rate)
-    batches = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(1))]
+    batches = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(router.seed))]
     routed = [index for index in range(len(router.threshold)) if 0 < router.block_sparsity[index] < 1]
     losses: list[float] = []
 

@@ -19,6 +19,7 @@ from llmopt.arch.adapter import UnsupportedModelError, architecture
 from llmopt.config import ConfigError
 from llmopt.routing.adapters import fit_adapters
 from llmopt.routing.allocation import (
+    LEVELS,
     block_influence,
     block_sensitivity,
     greedy_allocation,
@@ -39,12 +40,16 @@ from llmopt.routing.train import (
 from llmopt.transforms import CalibrationContext, Transform
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+SENSITIVITY_WINDOWS = 4  # of the calibration windows: each block's sensitivity costs a forward of the rest
 
 
 def install(model: nn.Module, config: TokenRoutingConfig) -> TokenRouter:
     """Switch every decoder layer of `model` to the routed class in place and attach a fresh router (all blocks
-    dense until its buffers are set or loaded)."""
+    dense until its buffers are set or loaded). FTP features switch the model to eager attention: they need its
+    probabilities."""
     layers = model.model.layers
+    if config.features == "ftp":
+        model.set_attn_implementation("eager")
     router = TokenRouter(config, len(layers), model.config.hidden_size).to(next(model.parameters()).device)
     router.train(model.training)
     model.model.token_router = router
@@ -76,10 +81,6 @@ class TokenRouting(Transform):
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(f"routing: attention implementation {implementation!r} is not supported; load the "
                               f"model with attn_implementation in {ATTENTION_IMPLEMENTATIONS}")
-        if config.features == "ftp" and config.method == "learned" and implementation != "eager":
-            raise ConfigError(f"routing.features = 'ftp' needs attention probabilities, which only eager attention "
-                              f"returns; load the model with attn_implementation='eager' (it has "
-                              f"{implementation!r}) or use features: residual")
         too_large = [b for b in config.dense_blocks if b >= len(layers)]
         if too_large:
             raise ConfigError(f"routing.dense_blocks {too_large} are not blocks of this {len(layers)}-block model")
@@ -116,10 +117,11 @@ class TokenRouting(Transform):
             blocks["block_influence"] = [round(v, 5) for v in influence.tolist()]
         elif config.allocation == "search":
             with router.disabled():
-                sensitivity = block_sensitivity(model, windows[:2], config.dense_blocks)
+                sensitivity = block_sensitivity(model, windows[:SENSITIVITY_WINDOWS], config.dense_blocks)
             sparsity = greedy_allocation(sensitivity, config.sparsity, config.dense_blocks, share,
                                          config.max_block_sparsity)
-            blocks["kl_at_30%"] = [None if v == float("inf") else round(v, 5) for v in sensitivity[:, 0].tolist()]
+            blocks["kl_at_30%"] = [None if v == float("inf") else round(v, 5)
+                                   for v in sensitivity[:, LEVELS.index(0.3)].tolist()]
         else:
             sparsity = uniform_allocation(config.sparsity, num_layers, config.dense_blocks, share,
                                           config.max_block_sparsity)
