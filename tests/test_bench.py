@@ -181,7 +181,6 @@ def test_vllm_sections_on_made_up_measurements(tmp_path):
 
 
 def test_routing_section_times_a_routed_checkpoint(tmp_path, monkeypatch):
-    """transformers timings of a tiny routed checkpoint for real; the vLLM engine's results made up."""
     import torch
 
     from llmopt import OptimizationConfig, TokenRoutingConfig, patch_model, save_optimized
@@ -190,32 +189,47 @@ def test_routing_section_times_a_routed_checkpoint(tmp_path, monkeypatch):
     from llmopt.bench.settings import QUICK
 
     model = tiny_model(max_position_embeddings=2048)
-    model.save_pretrained(tmp_path / "tiny")
     config = TokenRoutingConfig(method="random", allocation="uniform", training=None, adapter_rank=0)
     patch_model(model, OptimizationConfig(routing=config))
     save_optimized(model, tmp_path / "tiny-routed")
     generator = torch.Generator().manual_seed(0)
     monkeypatch.setattr(sparse_attention, "heldout_tokens",
                         lambda _tokenizer, length: torch.randint(1, 97, (1, length), generator=generator))
+    bench = Bench("tiny", tmp_path / "kv.yaml", QUICK, tmp_path)
+    bench.shared["checkpoint:routing-30.yaml"] = tmp_path / "tiny-routed"
+    prefill, *decode = routing.run(bench).rows
+    assert "prefill, 1024 tokens" in prefill.claim and prefill.ratio.median > 0
+    assert [row.claim for row in decode] == ["transformers greedy decode, batch 1",
+                                             "transformers greedy decode, batch 4"]
+
+
+def test_throughput_section_compares_every_checkpoint_with_the_original(tmp_path, monkeypatch):
+    """The vLLM engine's results made up: one text load per model, all in one run."""
+    from llmopt.bench import throughput
+    from llmopt.bench.runner import Bench
+    from llmopt.bench.settings import QUICK
+
+    seconds = {"original": [5.0, 5.5], "kv": [5.0, 5.0], "routing": [4.0, 4.4], "sparse": [5.5, 5.5],
+               "kv+routing+sparse": [4.2, 4.2]}
     engines = []
 
     def engine(job, _log):
         engines.append(job)
-        seconds = [4.0, 4.4] if "routed" in job["model"] else [5.0, 5.5]
-        return {"tasks": [{**job["tasks"][0], "seconds": seconds, "skipped_share": {"1": 0.3, "2": 0.5}}]}
+        name = job["model"]
+        task = {**job["tasks"][0], "seconds": seconds[name]}
+        if name == "routing":
+            task["skipped_share"] = {"1": 0.3, "2": 0.5}
+        return {"tasks": [task]}
 
-    monkeypatch.setattr(routing, "run_engine", engine)
-    bench = Bench(str(tmp_path / "tiny"), tmp_path / "kv.yaml", QUICK, tmp_path)
-    bench.shared["routed"] = tmp_path / "tiny-routed"
-    result = routing.run(bench)
-    assert [job["tasks"][0]["kind"] for job in engines] == ["text", "text"]
-    prefill, *decode, requests, tokens = result.rows
-    assert "prefill, 1024 tokens" in prefill.claim and prefill.ratio.median > 0
-    assert [row.claim for row in decode] == ["transformers greedy decode, batch 1",
-                                             "transformers greedy decode, batch 4"]
-    assert requests.ratio.median == pytest.approx(5.25 / 4.2)
-    assert tokens.optimized.median == pytest.approx((8 * 32 / 4.0 + 8 * 32 / 4.4) / 2)
-    assert "1: 30%, 2: 50% (mean 40%)" in result.notes[1]
+    monkeypatch.setattr(throughput, "run_engine", engine)
+    monkeypatch.setattr(throughput, "models", lambda _bench: {name: name for name in seconds})
+    result = throughput.run(Bench("tiny", tmp_path / "kv.yaml", QUICK, tmp_path))
+    assert [job["tasks"][0]["kind"] for job in engines] == ["text"] * 5
+    rows = {(row.claim.split(":")[0], row.unit): row for row in result.rows}
+    assert len(rows) == 8 and rows["routing", "requests/s"].ratio.median == pytest.approx(5.25 / 4.2)
+    assert rows["routing", "output tokens/s"].optimized.median == pytest.approx((8 * 32 / 4.0 + 8 * 32 / 4.4) / 2)
+    assert rows["sparse", "requests/s"].ratio.median < 1
+    assert "40% of the routed blocks' tokens skipped" in result.notes[-1]
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ class Settings:
     serving budget from the serving engine (one engine per model). `serving_loads`: (requests, prompt, output);
     their fixed KV budget holds `serving_concurrency` sequences of the original's longest load; each is timed
     `serving_repeats` times. Routing: a prefill of `routing_prefill` tokens, greedy decode at each of
-    `routing_decode_batches` (`decode_tokens` tokens after 128-token prompts), and vLLM throughput of
-    `routing_throughput` (requests, prompt, output) on held-out text."""
+    `routing_decode_batches` (`decode_tokens` tokens after 128-token prompts). `throughput_loads`: (requests,
+    prompt, output) of vLLM throughput on held-out text, every checkpoint."""
 
     repeats: int
     warmup: int
@@ -29,7 +29,7 @@ class Settings:
     sparse_layers: tuple[int, ...]
     routing_prefill: int
     routing_decode_batches: tuple[int, ...]
-    routing_throughput: tuple[int, int, int]
+    throughput_loads: tuple[tuple[int, int, int], ...]
     time_calibration: bool
 
 
@@ -38,7 +38,8 @@ FULL = Settings(repeats=5, warmup=1, capacity_gib=4,
                 serving_loads=((64, 1024, 256), (64, 32, 512)), serving_repeats=3, serving_concurrency=16,
                 max_num_seqs=64,
                 max_model_len=4096, sparse_lengths=(4096, 8192, 16384), sparse_layers=(3, 6, 9),
-                routing_prefill=2048, routing_decode_batches=(1, 8), routing_throughput=(32, 256, 64),
+                routing_prefill=2048, routing_decode_batches=(1, 8),
+                throughput_loads=((32, 256, 64), (4, 2048, 32)),
                 time_calibration=True)
 
 # One engine per model at the serving budget: it must also hold the largest decode load (4 sequences of one block).
@@ -46,4 +47,5 @@ QUICK = Settings(repeats=3, warmup=1, capacity_gib=None,
                  decode_loads=((1, 32), (1, 96), (4, 96)), decode_tokens=32,
                  serving_loads=((24, 32, 64),), serving_repeats=3, serving_concurrency=8, max_num_seqs=32,
                  max_model_len=256, sparse_lengths=(1024, 2048), sparse_layers=(3,), routing_prefill=1024,
-                 routing_decode_batches=(1, 4), routing_throughput=(8, 64, 32), time_calibration=False)
+                 routing_decode_batches=(1, 4), throughput_loads=((8, 64, 32),),
+                 time_calibration=False)
