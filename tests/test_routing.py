@@ -197,7 +197,7 @@ def test_training_moves_only_the_router_and_holds_the_rate(trained, token_window
         if name in before:
             assert torch.equal(param, before[name]), name
     details = model.llmopt_diagnostics["routing"]
-    assert details["guide"]["steps"] == 8 and len(details["guide"]["curve"]) == 8
+    assert all(details[f"guide_{n}"]["steps"] == 8 and len(details[f"guide_{n}"]["curve"]) == 8 for n in (1, 2))
     assert details["training"]["steps"] == 6 and len(details["training"]["curve"]) == 6
     blocks = details["blocks"]
     assert blocks["target_sparsity"][0] == 0.0 and blocks["achieved_sparsity"][0] == 0.0

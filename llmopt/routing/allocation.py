@@ -16,7 +16,7 @@ from llmopt.config import ConfigError
 from llmopt.distill import kl_divergence
 from llmopt.hooks import first_layer_inputs, layer_output, next_layer_inputs
 
-LEVELS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
+LEVELS = (0.3, 0.6, 0.9)
 STEP = 0.025
 
 

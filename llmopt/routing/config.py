@@ -17,7 +17,8 @@ class RouterTrainingConfig(DistillationConfig):
 
     1. The guide: `guide_steps` Adam steps (`guide_learning_rate`) in which the router's scores regress, per block,
        the log relative update of each token on the dense model (the update-size rule: a block skips the tokens
-       it changes least). Forward passes of the LLM only.
+       it changes least). Forward passes of the LLM only. With skip adapters, `guide_rounds` rounds of guide and
+       adapter fit: from the second on, the target is the update the fitted adapter leaves unexplained.
     2. Distillation against the dense model (the `DistillationConfig` loop: `steps`, `learning_rate`, ...)
        through straight-through gates: the skip adapters train at `learning_rate`, the router's parameters at
        `router_learning_rate` (0: the router stays as the guide left it). Every block's threshold is re-set on
@@ -32,11 +33,13 @@ class RouterTrainingConfig(DistillationConfig):
     warmup_steps: int = 5
     guide_steps: int = 100
     guide_learning_rate: float = 3e-3
+    guide_rounds: int = 2
     router_learning_rate: float = 1e-4
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.guide_steps >= 0, f"routing.training.guide_steps must be non-negative, got {self.guide_steps}")
+        require(self.guide_rounds >= 1, f"routing.training.guide_rounds must be at least 1, got {self.guide_rounds}")
         require(self.guide_learning_rate > 0,
                 f"routing.training.guide_learning_rate must be positive, got {self.guide_learning_rate}")
         require(self.router_learning_rate >= 0,

@@ -37,16 +37,17 @@ def fit_feature_statistics(model: nn.Module, router: TokenRouter, windows: torch
         router.feature_std[index] = features.std(0).clamp_min(1e-6).float()
 
 
-def relative_update(hidden: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """``[b, s]``: ‖block(x) − x‖ / ‖x‖ per token, float32."""
-    return (output - hidden).float().norm(dim=-1) / hidden.float().norm(dim=-1).clamp_min(1e-6)
+def relative_update(hidden: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``[b, s]``: ‖update‖ / ‖x‖ per token, float32."""
+    return update.float().norm(dim=-1) / hidden.float().norm(dim=-1).clamp_min(1e-6)
 
 
 def guide_router(model: nn.Module, router: TokenRouter, windows: torch.Tensor,
                  config: RouterTrainingConfig) -> dict:
     """The guide: `config.guide_steps` Adam steps in which every routed block's scores regress the standardized
-    log relative update of its tokens (position 0, always kept, left out). Returns ``{"steps", "tokens",
-    "seconds", "curve"}``."""
+    log relative update of its tokens (position 0, always kept, left out) that the skip adapters, if fitted, leave
+    unexplained: the tokens a block changes least, or whose change its adapter stands in for best, skip it.
+    Returns ``{"steps", "tokens", "seconds", "curve"}``."""
     optimizer = torch.optim.Adam(router.parameters(), lr=config.guide_learning_rate)
     batches = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(router.seed))]
     routed = [index for index in range(len(router.threshold)) if 0 < router.block_sparsity[index] < 1]
@@ -54,11 +55,11 @@ def guide_router(model: nn.Module, router: TokenRouter, windows: torch.Tensor,
 
     def before(index, hidden, normed, positions):
         with torch.enable_grad():
-            return index, hidden, router.score(index, hidden, normed, positions)
+            return index, hidden, normed, router.score(index, hidden, normed, positions)
 
     def after(entry, output):
-        index, hidden, score = entry
-        target = relative_update(hidden, output)[:, 1:].log()
+        index, hidden, normed, score = entry
+        target = relative_update(hidden, output - hidden - router.skip_update(index, normed))[:, 1:].log()
         target = (target - target.mean()) / target.std().clamp_min(1e-6)
         with torch.enable_grad():
             loss = (score[:, 1:] - target).square().mean() / len(routed)

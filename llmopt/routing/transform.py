@@ -40,7 +40,7 @@ from llmopt.routing.train import (
 from llmopt.transforms import CalibrationContext, Transform
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
-SENSITIVITY_WINDOWS = 4  # of the calibration windows: each block's sensitivity costs a forward of the rest
+SENSITIVITY_WINDOWS = 2  # of the calibration windows: each block's sensitivity costs a forward of the rest
 
 
 def install(model: nn.Module, config: TokenRoutingConfig) -> TokenRouter:
@@ -132,12 +132,14 @@ class TokenRouting(Transform):
         training_windows = None if training is None else context.windows(training.seq_len, training.tokens)
         if learned:
             fit_feature_statistics(model, router, windows)
-            details["guide"] = guide_router(model, router, training_windows, training)
-            calibrate_thresholds(model, router, windows)
-        if config.adapter_rank:
-            blocks["adapter_fit_tokens"] = fit_adapters(model, router, windows)
+        for round_ in range(training.guide_rounds if learned and config.adapter_rank else 1):
             if learned:
+                details[f"guide_{round_ + 1}"] = guide_router(model, router, training_windows, training)
                 calibrate_thresholds(model, router, windows)
+            if config.adapter_rank:
+                blocks["adapter_fit_tokens"] = fit_adapters(model, router, windows)
+                if learned:
+                    calibrate_thresholds(model, router, windows)
         if training is not None:
             context.observe("before distillation", model)
             details["training"] = train_router(model, router, training_windows, training)
