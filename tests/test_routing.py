@@ -12,6 +12,7 @@ from llmopt.arch.adapter import UnsupportedModelError
 from llmopt.checkpoint import CheckpointError
 from llmopt.config import ConfigError
 from llmopt.distill import kl_divergence
+from llmopt.routing import layer as routed_layer
 from llmopt.routing.adapters import Moments, fit_adapters
 from llmopt.routing.allocation import greedy_allocation, shortgpt_blocks, uniform_allocation
 from llmopt.routing.config import RouterTrainingConfig
@@ -69,7 +70,10 @@ def test_keeping_every_token_gives_the_original_logits(token_windows_tiny):
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "left-padded"])
 @pytest.mark.parametrize("adapter_rank", [0, 4], ids=["pass-through", "adapters"])
-def test_gathered_layer_equals_the_masked_reference(token_windows_tiny, implementation, padded, adapter_rank):
+@pytest.mark.parametrize("query_chunk", [256, 5], ids=["one-chunk", "chunked"])
+def test_gathered_layer_equals_the_masked_reference(token_windows_tiny, implementation, padded, adapter_rank,
+                                                    query_chunk, monkeypatch):
+    monkeypatch.setattr(routed_layer, "QUERY_CHUNK", query_chunk)
     ids = token_windows_tiny[:3, :40]
     mask = torch.ones_like(ids)
     if padded:
@@ -164,7 +168,8 @@ def greedy(model, prompts, **kwargs):
 @pytest.mark.parametrize("method, sparsity, adapter_rank", [
     ("random", SPARSITY, 0), ("static", SPARSITY, 0), ("shortgpt", torch.tensor([0.0, 1.0, 0.0]), 0),
     ("random", SPARSITY, 4), ("shortgpt", torch.tensor([0.0, 1.0, 0.0]), 4)])
-def test_generate_with_cache_matches_recomputation_and_batching(method, sparsity, adapter_rank):
+def test_generate_with_cache_matches_recomputation_and_batching(method, sparsity, adapter_rank, monkeypatch):
+    monkeypatch.setattr(routed_layer, "QUERY_CHUNK", 4)  # prefill attends in chunks, the cached steps after the cache
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, TINY["vocab_size"], (n,), generator=generator) for n in (7, 12, 3)]
     model, _ = routed(method, sparsity, adapter_rank)

@@ -57,13 +57,12 @@ class TokenRoutingConfig:
     Influence). ``allocation``: per-block sparsity by greedy search on measured block sensitivity, or "uniform".
     ``features``: what the learned router sees, "residual" (from the residual stream; any attention kernel, vLLM
     included) or "ftp" (FTP's position and attention-mass features; they switch the model to eager attention and
-    are not served by vLLM; see `llmopt.routing.router`). ``router``: one MLP of width ``hidden`` shared by all blocks, or a linear router
-    per block. ``dense_blocks``
-    never skip (block 0: skipping there is catastrophic). ``adapter_rank``: a token that skips a block gets a
-    rank-r linear update of its normalized state instead of none (fitted by least squares, then trained with the
-    router; 0: plain pass-through). Allocation, feature statistics, adapter fits and thresholds use
-    ``calibration_tokens`` tokens in windows of ``seq_len``. ``seed``: the initial router and the order of the
-    guide's batches (and the random baseline's hash).
+    are not served by vLLM; see `llmopt.routing.router`). ``router``: one MLP of width ``hidden`` shared by all
+    blocks, or a linear router per block. ``dense_blocks`` never skip (block 0: skipping there is catastrophic).
+    ``adapter_rank``: a token that skips a block gets a rank-r linear update of its normalized state instead of
+    none (fitted by least squares, then trained with the router; 0: plain pass-through). Allocation, feature
+    statistics, adapter fits and thresholds use ``calibration_tokens`` tokens in windows of ``seq_len``.
+    ``seed``: the initial router and the order of the guide's batches (and the random baseline's hash).
     """
 
     name: ClassVar[str] = "routing"

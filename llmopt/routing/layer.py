@@ -15,6 +15,8 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, rotate_h
 
 from llmopt.routing.router import BlockRecord, TokenRouter
 
+QUERY_CHUNK = 256
+
 
 class RoutedLlamaDecoderLayer(LlamaDecoderLayer):
     """A `LlamaDecoderLayer` whose class was switched in place (weights and names unchanged) and which asks the
@@ -93,8 +95,8 @@ class RoutedLlamaDecoderLayer(LlamaDecoderLayer):
             out, probabilities = attention_with_probabilities(queries, keys, values, mask, attention.scaling)
             router.remember_attention(self.layer_index, probabilities * valid[:, None, :, None], length)
         else:
-            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=attention.scaling,
-                                                 enable_gqa=True)
+            out = causal_chunked_attention(queries, keys, values, mask, order + (keys.shape[2] - length),
+                                           attention.scaling)
         out = out.transpose(1, 2).reshape(batch, width, -1)[valid]
         rows = torch.arange(batch, device=hidden.device)[:, None].expand(-1, width)[valid]
         tokens = order[valid]
@@ -116,6 +118,22 @@ def query_mask(attention_mask: torch.Tensor | None, order: torch.Tensor, kv_leng
         return (torch.arange(kv_length, device=order.device)[None, None] <= place[..., None])[:, None]
     mask = attention_mask[..., :kv_length].expand(batch, -1, -1, -1)
     return mask.gather(2, order[:, None, :, None].expand(-1, mask.shape[1], -1, kv_length))
+
+
+def causal_chunked_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                             places: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA of ``queries [b, h, w, d]`` (at key positions ``places [b, w]``) over ``keys/values [b, kv_heads, k, d]``
+    under ``mask [b, 1, w, k]``, `QUERY_CHUNK` queries at a time, each chunk over the keys up to its last place only:
+    with an explicit mask SDPA computes every query×key score, so one call would cost the gathered queries more
+    than causal attention costs all of them."""
+    outputs = []
+    for start in range(0, queries.shape[2], QUERY_CHUNK):
+        end = min(start + QUERY_CHUNK, queries.shape[2])
+        limit = int(places[:, start:end].max()) + 1
+        outputs.append(F.scaled_dot_product_attention(
+            queries[:, :, start:end], keys[:, :, :limit], values[:, :, :limit], attn_mask=mask[:, :, start:end, :limit],
+            scale=scale, enable_gqa=True))
+    return torch.cat(outputs, dim=2)
 
 
 def attention_with_probabilities(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
