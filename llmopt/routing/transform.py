@@ -135,11 +135,10 @@ class TokenRouting(Transform):
         for round_ in range(training.guide_rounds if learned and config.adapter_rank else 1):
             if learned:
                 details[f"guide_{round_ + 1}"] = guide_router(model, router, training_windows, training)
-                calibrate_thresholds(model, router, windows)
             if config.adapter_rank:
                 blocks["adapter_fit_tokens"] = fit_adapters(model, router, windows)
-                if learned:
-                    calibrate_thresholds(model, router, windows)
+        if learned:  # the guide and the adapter fit run the model dense: the thresholds matter from here on
+            calibrate_thresholds(model, router, windows)
         if training is not None:
             context.observe("before distillation", model)
             details["training"] = train_router(model, router, training_windows, training)
