@@ -28,7 +28,8 @@ COSTS = {
 
 @dataclass
 class Score:
-    """One model's result on one task. `stderr` as lm-eval reports it; `chance` is random guessing, if known."""
+    """One model's result on one task. `stderr` as lm-eval reports it; `chance` is random guessing, if known;
+    `outputs`: prompt → what the model wrote, where the task scores text (the greedy answers)."""
 
     value: float
     stderr: float | None = None
@@ -36,6 +37,7 @@ class Score:
     higher_is_better: bool = True
     chance: float | None = None
     n: int | None = None
+    outputs: dict[str, str] | None = None
 
 
 def retention(score: Score, reference: Score) -> float:
@@ -148,7 +150,24 @@ class Report:
             cells = [_fact(facts, c, COSTS.get(c, (c, "{:.4g}"))[1]) for c in costs]
             lines.append(f"| {model} | {facts.get('role', '')} | " + "".join(f"{cell} | " for cell in cells)
                          + f"{mean} | {minimum} | {passed} | {_fact(facts, 'seconds', '{:.0f} s')} |")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + self._differing_outputs()) + "\n"
+
+    def _differing_outputs(self, shown: int = 5) -> list[str]:
+        """Markdown: for each variant, the first `shown` prompts whose answer differs from the reference's (once
+        per task: ``answers-exact`` and ``answers-f1`` share their outputs)."""
+        lines, seen = [], set()
+        for task, ref in self.scores[self.reference].items():
+            group = task.partition("-")[0]
+            if ref.outputs is None or group in seen:
+                continue
+            seen.add(group)
+            lines += ["", f"### {group}: answers that differ from {self.reference}'s", ""]
+            for model in self.variants:
+                outputs = getattr(self.scores[model].get(task), "outputs", None) or {}
+                differing = [(p, a) for p, a in outputs.items() if a != ref.outputs.get(p)]
+                lines.append(f"- **{model}**: {len(differing)} of {len(outputs)} differ")
+                lines += [f"  - {p!r}: {ref.outputs.get(p)!r} → {a!r}" for p, a in differing[:shown]]
+        return lines
 
     def to_dict(self) -> dict:
         retained = self.retentions()

@@ -3,7 +3,9 @@
 Task names: ``wikipedia-ppl`` and ``news-ppl`` (held-out text, never calibration text; ``wikipedia-ppl:4096`` for
 longer windows at the same token count), ``passkey`` and ``multihop`` (retrieval, scored as ``passkey@<length>``;
 ``passkey:8192`` for one length), ``decode-ppl:<prefix>`` (held-out Wikipedia tokens after a `prefix`-token
-context, fed one by one through the KV cache: what a transform of decoding changes), ``analogies``, ``bigbench:<task>[/<subtask>]``, ``default`` (the default suite),
+context, fed one by one through the KV cache: what a transform of decoding changes), ``answers`` (greedy answers to
+short factual and instruction prompts against the reference's: ``answers-exact`` and ``answers-f1``),
+``analogies``, ``bigbench:<task>[/<subtask>]``, ``default`` (the default suite),
 ``long`` (long-context tasks, where sparse attention engages), or any lm-eval task or group name where its data is
 available.
 """
@@ -21,7 +23,8 @@ from llmopt.eval.tasks import DEFAULT_TASKS
 PERPLEXITY_TASKS = {"wikipedia-ppl": "wikipedia", "news-ppl": "news"}
 RETRIEVAL_TASKS = ("passkey", "multihop")
 DECODE_TASK, DECODE_TOKENS, DECODE_WINDOWS = "decode-ppl", 128, 2
-DEFAULT_SUITE = (*PERPLEXITY_TASKS, "passkey", *DEFAULT_TASKS)
+ANSWERS_TASK = "answers"
+DEFAULT_SUITE = (*PERPLEXITY_TASKS, "passkey", ANSWERS_TASK, *DEFAULT_TASKS)
 LONG_SUITE = ("wikipedia-ppl:4096", "decode-ppl:4096", "passkey:4096", "passkey:8192", "multihop:4096",
               "multihop:8192")
 GROUPS = {"default": DEFAULT_SUITE, "long": LONG_SUITE}
@@ -39,8 +42,10 @@ def local_task(task: str) -> tuple[str, int | None] | None:
     """(kind, length) of a task the suite scores itself (``passkey:4096`` → ("passkey", 4096)); None for the
     tasks lm-eval scores."""
     kind, _, length = task.partition(":")
-    if kind not in (*PERPLEXITY_TASKS, *RETRIEVAL_TASKS, DECODE_TASK):
+    if kind not in (*PERPLEXITY_TASKS, *RETRIEVAL_TASKS, DECODE_TASK, ANSWERS_TASK):
         return None
+    if kind == ANSWERS_TASK and length:
+        raise ValueError(f"{task}: the answers task takes no length (use 'answers')")
     if length and not (length.isdigit() and int(length) >= 128):
         raise ValueError(f"{task}: the length after ':' must be a number of tokens, at least 128 (e.g. {kind}:4096)")
     return kind, int(length) if length else None
@@ -55,11 +60,13 @@ def checked_tasks(tasks: list[str]) -> list[str]:
     return tasks
 
 
-def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
-                   batch_size: int = 16) -> dict[str, Score]:
-    """One model's scores on `tasks`, in their order (``passkey`` gives one score per length).
+def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 16,
+                   reference: dict[str, Score] | None = None) -> dict[str, Score]:
+    """One model's scores on `tasks`, in their order (``passkey`` gives one score per length, ``answers`` two).
 
-    `limit` caps items per lm-eval task, windows per perplexity corpus and passkey prompts per length.
+    `limit` caps items per lm-eval task, windows per perplexity corpus, passkey prompts per length and answered
+    prompts. `reference`: the reference model's scores, whose answers this model's are scored against; None when
+    this model is the reference.
     """
     from llmopt.eval.harness import run_lm_eval
 
@@ -74,6 +81,8 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
             scores[task] = perplexity_score(model, tokenizer, PERPLEXITY_TASKS[local[0]], limit, local[1])
         elif local[0] == DECODE_TASK:
             scores[task] = decode_perplexity_score(model, tokenizer, local[1] or PPL_SEQ_LEN, limit)
+        elif local[0] == ANSWERS_TASK:
+            scores.update(answer_scores(model, tokenizer, limit, reference))
         else:
             scores.update(retrieval_scores(model, tokenizer, *local, limit))
     return scores
@@ -107,6 +116,26 @@ def decode_perplexity_score(model, tokenizer, prefix: int, limit: int | None = N
     nll = decode_nll(model, windows, prefix)
     return Score(math.exp(nll.mean().item()), perplexity_stderr(nll), "ppl", higher_is_better=False,
                  n=len(windows) * DECODE_TOKENS)
+
+
+def answer_scores(model, tokenizer, limit: int | None = None,
+                  reference: dict[str, Score] | None = None) -> dict[str, Score]:
+    """``answers-exact`` and ``answers-f1``: agreement of the greedy answers with the reference's (1 for the
+    reference itself); both Scores carry prompt → answer as `outputs`."""
+    from llmopt.eval.answers import PROMPTS, agreement, greedy_answers
+
+    prompts = PROMPTS[:limit]
+    answers = dict(zip(prompts, greedy_answers(model, tokenizer, prompts)))
+    expected = answers if reference is None else reference.get(f"{ANSWERS_TASK}-exact", Score(0)).outputs
+    if expected is None or set(prompts) - set(expected):
+        raise ValueError("the answers task needs the reference's answers: evaluate the reference on it first")
+    scores = {}
+    for name, metric, values in zip(("exact", "f1"), ("exact_match", "answer_f1"),
+                                    agreement(list(answers.values()), [expected[p] for p in prompts])):
+        mean = sum(values) / len(values)
+        stderr = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1) / len(values)) ** 0.5
+        scores[f"{ANSWERS_TASK}-{name}"] = Score(mean, stderr, metric, n=len(values), outputs=answers)
+    return scores
 
 
 def retrieval_scores(model, tokenizer, kind: str, length: int | None = None,
@@ -165,10 +194,12 @@ def run_suite(models: dict[str, tuple], reference: str, tasks: list[str], limit:
 
     reference_kv = model_costs(models[reference][0])["kv_bytes_per_token"]
     scores, facts = {}, {}
+    models = {reference: models[reference], **models}  # the reference first: variants' answers are scored against its
     for index, (name, (model, tokenizer)) in enumerate(models.items(), 1):
         started = time.perf_counter()
         _log(f"{name} ({index}/{len(models)}): {', '.join(tasks)}")
-        scores[name] = evaluate_model(model, tokenizer, tasks, limit, batch_size)
+        scores[name] = evaluate_model(model, tokenizer, tasks, limit, batch_size,
+                                      None if name == reference else scores[reference])
         role = (roles or {}).get(name, "reference" if name == reference else "variant")
         facts[name] = {"role": role, **model_facts(model, tokenizer, reference_kv),
                        "seconds": round(time.perf_counter() - started, 1)}

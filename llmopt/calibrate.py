@@ -85,7 +85,8 @@ def _calibrate_loaded(args: argparse.Namespace, config: OptimizationConfig, mode
 
     def measure(label: str, measured, stage_facts: dict | None = None) -> None:
         print(f"[llmopt calibrate] measuring {label}", file=sys.stderr, flush=True)
-        scores[label] = evaluate_model(measured, tokenizer, tasks, limit=args.eval_windows)
+        scores[label] = evaluate_model(measured, tokenizer, tasks, limit=args.eval_windows,
+                                       reference=scores.get(ORIGINAL))
         facts[label] = {"role": "reference" if label == ORIGINAL else "variant",
                         **model_facts(measured, tokenizer, reference_kv), **(stage_facts or {})}
 

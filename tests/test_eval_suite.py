@@ -6,19 +6,24 @@ import math
 
 import pytest
 import torch
+from llmopt.eval.answers import PROMPTS, agreement, first_sentence, greedy_answers, word_f1
 from llmopt.eval.passkey import candidate_keys, continuation_log_likelihoods, multihop_prompt, passkey_prompt
 from llmopt.eval.perplexity import decode_nll, perplexity, perplexity_stderr, window_nll
-from llmopt.eval.suite import expand_tasks, local_task, run_suite
+from llmopt.eval.report import Score
+from llmopt.eval.suite import evaluate_model, expand_tasks, local_task, run_suite
 from tiny_models import TINY, tiny_model
 
 
 class CharTokenizer:
     """Bytes folded into the tiny vocabulary: enough for windows and passkey prompts of tiny models."""
 
-    eos_token_id = 0
+    eos_token_id, pad_token_id = 0, None
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [1 + b % (TINY["vocab_size"] - 1) for b in text.encode()]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i - 1) for i in ids.tolist() if i or not skip_special_tokens)
 
 
 def test_perplexity_matches_a_hand_computation():
@@ -128,6 +133,42 @@ def test_suite_on_tiny_models_writes_retention_and_kv_compression(tmp_path):
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["retention"]["twin"]["wikipedia-ppl"]["passed"] is True
     assert (tmp_path / "retention_vs_kv_compression.png").stat().st_size > 0
+
+
+def test_answers_are_cut_at_the_first_sentence_and_scored_by_exact_match_and_word_f1():
+    assert first_sentence(" Paris. It is big") == "Paris" and first_sentence("John F. Kennedy.") == "John F. Kennedy"
+    assert first_sentence("3.14 is pi\nnext") == "3.14 is pi" and first_sentence("\n\nBerlin!") == "Berlin"
+    assert word_f1("The Nile river", "nile") == pytest.approx(2 * 0.5 * 1 / 1.5) and word_f1("", "") == 1.0
+    assert word_f1("cold", "hot") == 0.0
+    assert agreement(["Paris", "the Sun", "red"], ["paris.", "Sun", "blue"]) == ([1.0, 1.0, 0.0], [1.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="2 answers against 1"):
+        agreement(["a", "b"], ["a"])
+
+
+def test_greedy_answers_in_padded_batches_equal_one_prompt_at_a_time():
+    model, tokenizer = tiny_model(), CharTokenizer()
+    prompts = PROMPTS[:5]  # different lengths: every batch but the longest prompt is left-padded
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1
+    batched = greedy_answers(model, tokenizer, prompts, batch_size=5, max_new_tokens=8)
+    assert batched == [greedy_answers(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
+
+
+def test_answers_task_scores_a_variant_against_the_reference_answers(tmp_path):
+    tokenizer = CharTokenizer()
+    models = {"ref": (tiny_model(), tokenizer), "twin": (tiny_model(), tokenizer),
+              "other": (tiny_model(num_key_value_heads=2), tokenizer)}
+    report = run_suite(models, "ref", ["answers"], limit=None, out_dir=tmp_path)
+    ref, other = report.scores["ref"], report.scores["other"]
+    assert ref["answers-exact"].value == 1.0 and ref["answers-exact"].n == len(PROMPTS)
+    assert report.retentions()["twin"] == {"answers-exact": 1.0, "answers-f1": 1.0}
+    assert other["answers-f1"].value < 1.0 and other["answers-exact"].value <= other["answers-f1"].value
+    differing = sum(a != ref["answers-exact"].outputs[p] for p, a in other["answers-exact"].outputs.items())
+    assert f"**other**: {differing} of {len(PROMPTS)} differ" in report.to_markdown() and differing > 0
+    assert "**twin**: 0 of" in report.to_markdown()
+    with pytest.raises(ValueError, match="reference's answers"):
+        evaluate_model(tiny_model(), tokenizer, ["answers"], limit=2, reference=ref | {"answers-exact": Score(1.0)})
+    with pytest.raises(ValueError, match="takes no length"):
+        local_task("answers:512")
 
 
 def test_unknown_task_is_refused_before_any_model_loads(monkeypatch, capsys):
