@@ -1,7 +1,7 @@
 """The eval suite: score every model on the same tasks in one run and write the retention report.
 
 Task names: ``wikipedia-ppl`` and ``news-ppl`` (held-out text, never calibration text; ``wikipedia-ppl:4096`` for
-longer windows at the same token count), ``passkey`` and ``multihop`` (retrieval, scored as ``passkey@<length>``;
+longer windows at the same token count), ``docs-ppl`` (out-of-domain text: Django's documentation), ``passkey`` and ``multihop`` (retrieval, scored as ``passkey@<length>``;
 ``passkey:8192`` for one length), ``decode-ppl:<prefix>`` (held-out Wikipedia tokens after a `prefix`-token
 context, fed one by one through the KV cache: what a transform of decoding changes), ``answers`` (greedy answers to
 short factual and instruction prompts against the reference's: ``answers-exact`` and ``answers-f1``),
@@ -20,7 +20,7 @@ from pathlib import Path
 from llmopt.eval.report import DEFAULT_THRESHOLD, Report, Score
 from llmopt.eval.tasks import DEFAULT_TASKS
 
-PERPLEXITY_TASKS = {"wikipedia-ppl": "wikipedia", "news-ppl": "news"}
+PERPLEXITY_TASKS = {"wikipedia-ppl": "wikipedia", "news-ppl": "news", "docs-ppl": "docs"}
 RETRIEVAL_TASKS = ("passkey", "multihop")
 DECODE_TASK, DECODE_TOKENS, DECODE_WINDOWS = "decode-ppl", 128, 2
 ANSWERS_TASK = "answers"

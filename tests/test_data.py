@@ -4,6 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from llmopt.data.corpora import CORPORA, calibration_texts, corpus_split, strip_wiki_markup
+from llmopt.data.docs import strip_rst
 from llmopt.data.windows import read_texts, token_windows
 
 
@@ -27,6 +28,25 @@ def test_wikipedia_is_plain_prose():
     for markup in ("{{", "}}", "[[", "]]", "<ref", "&lt;", "'''", "[http"):
         assert markup not in text, markup
     assert sum(len(a.split()) for a in articles) > 300_000
+
+
+def test_out_of_domain_docs_are_held_out_whole_and_plain():
+    docs = corpus_split("docs", "heldout")
+    assert len(docs) >= 200 and sum(len(d.split()) for d in docs) > 400_000
+    assert not set(docs) & set(calibration_texts())
+    with pytest.raises(ValueError, match="held out whole"):
+        corpus_split("docs", "calibration")
+    lines = [line for doc in docs for line in doc.splitlines()]
+    leftovers = [line for line in lines if line.startswith(".. ") or ":ref:`" in line or ":doc:`" in line]
+    assert len(leftovers) < len(lines) / 10_000, leftovers[:5]
+
+
+def test_strip_rst():
+    source = ("==========\nSessions\n==========\n\n.. module:: django.contrib.sessions\n   :synopsis: Sessions.\n\n"
+              "Edit the :setting:`MIDDLEWARE` setting, see :doc:`the docs\n</topics/http>` and ``settings.py``.\n"
+              "Read `the guide <https://x.org>`_.\n\n.. code-block:: python\n\n    x = 1\n")
+    assert strip_rst(source) == ("Sessions\n\nEdit the MIDDLEWARE setting, see the docs and settings.py.\n"
+                                 "Read the guide.\n\n    x = 1")
 
 
 def test_strip_wiki_markup():

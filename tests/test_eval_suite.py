@@ -109,7 +109,8 @@ def test_continuation_log_likelihoods_match_a_full_forward():
 
 
 def test_default_tasks_expand_once():
-    assert expand_tasks(["wikipedia-ppl", "default", "passkey"])[:3] == ["wikipedia-ppl", "news-ppl", "passkey"]
+    assert expand_tasks(["wikipedia-ppl", "default", "passkey"])[:4] == ["wikipedia-ppl", "news-ppl", "docs-ppl",
+                                                                         "passkey"]
     assert len(expand_tasks(["default", "default"])) == len(expand_tasks(["default"]))
 
 

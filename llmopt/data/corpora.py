@@ -1,7 +1,9 @@
-"""Offline English text: ~100 Wikipedia articles and 300 news stories shipped in the gensim wheel.
+"""Offline English text: ~100 Wikipedia articles and 300 news stories shipped in the gensim wheel, and Django's
+documentation (`llmopt.data.docs`) as out-of-domain text.
 
-Each corpus is split by document into calibration and held-out parts that never overlap, so perplexity is
-never measured on the text a transform was calibrated on.
+Each calibration corpus is split by document into calibration and held-out parts that never overlap, so
+perplexity is never measured on the text a transform was calibrated on. An out-of-domain corpus is held out
+whole: no transform ever sees it, so it shows how a gain on the held-out parts carries over to other text.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from llmopt.data.packages import package_file
 GENSIM = "gensim==4.4.0"
 _WIKI = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _NEWS = "gensim/test/test_data/lee_background.cor"
-CORPORA = ("wikipedia", "news")
+CORPORA = ("wikipedia", "news")  # calibration and held-out parts
+OUT_OF_DOMAIN = ("docs",)  # held out whole
 HELDOUT_FRACTION = 0.2
 _MIN_WORDS = 150
 
@@ -30,9 +33,15 @@ Part = Literal["calibration", "heldout"]
 
 
 def corpus_split(name: str, part: Part) -> list[str]:
-    """The documents of corpus `name` ("wikipedia" or "news") in `part` ("calibration" or "heldout")."""
+    """The documents of corpus `name` ("wikipedia", "news" or the out-of-domain "docs") in `part` ("calibration"
+    or "heldout")."""
     if part not in ("calibration", "heldout"):
         raise ValueError(f"part must be 'calibration' or 'heldout', got {part!r}")
+    if name in OUT_OF_DOMAIN:
+        if part == "calibration":
+            raise ValueError(f"{name!r} is out-of-domain text, held out whole: it has no calibration part "
+                             f"(calibration corpora: {', '.join(CORPORA)})")
+        return list(load_corpus(name))
     return [doc for doc in load_corpus(name) if is_heldout(doc) == (part == "heldout")]
 
 
@@ -52,8 +61,12 @@ def calibration_texts() -> list[str]:
 @functools.cache
 def load_corpus(name: str) -> tuple[str, ...]:
     """All documents of a packaged corpus, markup removed."""
-    if name not in CORPORA:
-        raise ValueError(f"unknown corpus {name!r}; packaged corpora: {', '.join(CORPORA)}")
+    if name not in CORPORA + OUT_OF_DOMAIN:
+        raise ValueError(f"unknown corpus {name!r}; packaged corpora: {', '.join(CORPORA + OUT_OF_DOMAIN)}")
+    if name == "docs":
+        from llmopt.data.docs import django_docs
+
+        return tuple(django_docs())
     with zipfile.ZipFile(package_file(GENSIM)) as wheel:
         if name == "news":
             lines = wheel.read(_NEWS).decode("latin-1").splitlines()
