@@ -13,6 +13,7 @@ import string
 from collections import Counter
 
 import torch
+from tqdm.auto import tqdm
 
 MAX_NEW_TOKENS = 16
 FACTUAL = (
@@ -51,7 +52,7 @@ def greedy_answers(model, tokenizer, prompts: tuple[str, ...] | list[str] = PROM
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="answers", unit="batch", leave=False):
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start: start + batch_size]]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=device)

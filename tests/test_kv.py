@@ -102,6 +102,19 @@ def test_healing_lowers_the_distillation_loss(token_windows_tiny):
     assert all(p.requires_grad for p in model.parameters())  # nothing left frozen
 
 
+def test_a_step_budget_reproduces_the_same_healed_model(token_windows_tiny):
+    healing = HealingConfig(steps=8, learning_rate=3e-3, seq_len=32, batch_size=4, tokens=512, warmup_steps=2)
+    states = []
+    for _ in range(2):
+        model = tiny_model()
+        config = KVCompressionConfig(num_kv_heads=1, calibration_tokens=512, seq_len=32, healing=healing)
+        patch_model(model, config, calibration=token_windows_tiny)
+        states.append(model.state_dict())
+        assert diagnostics(model)["kv"]["healing"]["steps"] == 8
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+
+
 @pytest.mark.parametrize("config, error, message", [
     (KVCompressionConfig(num_kv_heads=3), ConfigError, "do not divide the model's 4 KV heads; choose one of [1, 2]"),
     (KVCompressionConfig(num_kv_heads=4), ConfigError, "already has 4 KV heads"),
