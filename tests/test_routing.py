@@ -17,7 +17,7 @@ from llmopt.routing.adapters import Moments, fit_adapters
 from llmopt.routing.allocation import greedy_allocation, shortgpt_blocks, uniform_allocation
 from llmopt.routing.config import RouterTrainingConfig
 from llmopt.routing.flops import block_flops, skipped
-from llmopt.routing.train import train_router
+from llmopt.routing.train import blocks_swapped, train_router
 from llmopt.routing.transform import TokenRouting, install
 
 SPARSITY = torch.tensor([0.0, 0.5, 0.4])  # per block of the 3-block tiny model
@@ -284,6 +284,29 @@ def test_fitted_then_distilled_adapters_lower_the_error(token_windows_tiny):
     assert result["steps"] == 20 and distilled < fitted < passing, (passing, fitted, distilled)
 
 
+def test_finetuning_trains_the_named_block_weights_against_the_blocks_as_they_were(token_windows_tiny):
+    model, router = routed("random", adapter_rank=8)
+    fit_adapters(model, router, token_windows_tiny[:16])
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    original = tiny_model()  # the same weights: the dense teacher
+    with torch.no_grad():
+        dense = original(token_windows_tiny[:16]).logits
+    start = kl_divergence(logits(model, token_windows_tiny[:16]), dense).item()
+    training = RouterTrainingConfig(steps=20, seq_len=64, tokens=1024, batch_size=4, warmup_steps=1,
+                                    learning_rate=1e-3, precision="float32", finetune=["mlp", "norms"],
+                                    finetune_learning_rate=1e-3)
+    train_router(model, router, token_windows_tiny[:16], training)
+    moved = {name for name, p in model.named_parameters() if name in before and not torch.equal(p, before[name])}
+    assert moved and all(".mlp." in n or "layernorm" in n or "token_router.adapter" in n for n in moved), moved
+    assert any(".mlp." in n for n in moved) and any("layernorm" in n for n in moved)
+    assert kl_divergence(logits(model, token_windows_tiny[:16]), dense).item() < start
+    # the teacher: the blocks as they were, swapped in with the router off; the trained blocks come back after
+    frozen, trained = original.model.layers, model.model.layers
+    with torch.no_grad(), blocks_swapped(model, frozen, router):
+        assert torch.allclose(model(token_windows_tiny[:4]).logits, dense[:4], atol=1e-5)
+    assert model.model.layers is trained
+
+
 def test_distillation_skips_exactly_the_target_share_in_every_batch(token_windows_tiny):
     model = tiny_model()
     config = tiny_config(allocation="uniform")
@@ -352,6 +375,8 @@ def test_non_llama_models_are_refused(family, token_windows_tiny):
     ({"routing": {"method": "random", "adapter_rank": 0}}, "routing.training has nothing to train"),
     ({"routing": {"adapter_rank": -2}}, "routing.adapter_rank must be non-negative"),
     ({"routing": {"max_block_sparsity": 1.0}}, "routing.max_block_sparsity must be in (0, 1)"),
+    ({"routing": {"training": {"finetune": ["mlp", "embeddings"]}}},
+     "routing.training.finetune takes attention, mlp, norms; got embeddings"),
 ])
 def test_bad_routing_configs_are_refused(data, message):
     with pytest.raises(ConfigError) as raised:

@@ -9,6 +9,7 @@ from llmopt.config import require, require_choice
 from llmopt.distill import DistillationConfig
 
 METHODS = ("learned", "static", "random", "shortgpt")
+FINETUNED = ("attention", "mlp", "norms")  # what routing.training.finetune may train in each decoder block
 
 
 @dataclass
@@ -23,6 +24,11 @@ class RouterTrainingConfig(DistillationConfig):
        through straight-through gates: the skip adapters train at `learning_rate`, the router's parameters at
        `router_learning_rate` (0: the router stays as the guide left it). Every block's threshold is re-set on
        each batch to skip exactly its target share (the rate is held by construction, not by a penalty).
+
+    ``finetune`` (optional, default none: the LLM stays frozen): the decoder blocks' "attention", "mlp" and/or
+    "norms" weights train too, at `finetune_learning_rate`, so the blocks adapt to the tokens they no longer see;
+    the teacher is then a frozen copy of the blocks as they were. The result is still served as is (the weights
+    are saved), but it is a fine-tuned model: report it apart from the frozen one.
     """
 
     section: ClassVar[str] = "routing.training"
@@ -35,9 +41,15 @@ class RouterTrainingConfig(DistillationConfig):
     guide_learning_rate: float = 3e-3
     guide_rounds: int = 2
     router_learning_rate: float = 1e-4
+    finetune: list[str] = field(default_factory=list)
+    finetune_learning_rate: float = 3e-5
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        unknown = sorted(set(self.finetune) - set(FINETUNED))
+        require(not unknown, f"routing.training.finetune takes {', '.join(FINETUNED)}; got {', '.join(unknown)}")
+        require(self.finetune_learning_rate > 0,
+                f"routing.training.finetune_learning_rate must be positive, got {self.finetune_learning_rate}")
         require(self.guide_steps >= 0, f"routing.training.guide_steps must be non-negative, got {self.guide_steps}")
         require(self.guide_rounds >= 1, f"routing.training.guide_rounds must be at least 1, got {self.guide_rounds}")
         require(self.guide_learning_rate > 0,

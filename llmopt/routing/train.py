@@ -1,16 +1,21 @@
-"""Router training with the LLM frozen, and the thresholds that hold each block to its target sparsity.
+"""Router training (the LLM frozen, unless `finetune` says otherwise), and the thresholds that hold each block
+to its target sparsity.
 
 Two stages (see `RouterTrainingConfig`): the guide, a regression of the router's scores onto the update-size rule
 on the dense model (forward passes only), then distillation against the dense model (`llmopt.distill`; the
 teacher is the same model with routing switched off) through straight-through gates, which trains the skip
-adapters and, at its own learning rate, the router. In distillation each block's threshold is re-set on every
+adapters and, at its own learning rate, the router (and optionally the blocks' own weights, against a frozen
+copy of them). In distillation each block's threshold is re-set on every
 batch to skip exactly its target share, so the router can only choose *which* tokens skip, never how many.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
+from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch import nn
@@ -111,14 +116,44 @@ def achieved_sparsity(model: nn.Module, router: TokenRouter, windows: torch.Tens
 def train_router(model: nn.Module, router: TokenRouter, windows: torch.Tensor,
                  config: RouterTrainingConfig) -> dict:
     """Distil the routed model toward the dense one on ``windows [n, seq_len]``, training the skip adapters (if
-    any) and the router's own parameters (learning rate × `router_learning_rate / learning_rate`)."""
+    any), the router's own parameters (learning rate × `router_learning_rate / learning_rate`) and the blocks'
+    weights `config.finetune` names (against a frozen copy of the blocks)."""
     adapters = [router.adapter_down, router.adapter_up, router.adapter_bias] if router.adapts else []
     scoring = [p for p in router.parameters() if all(p is not a for a in adapters)]
     groups = [{"params": adapters}] if adapters else []
     if scoring and config.router_learning_rate:
         groups.append({"params": scoring, "scale": config.router_learning_rate / config.learning_rate})
+    teacher = router.disabled
+    if config.finetune:
+        groups.append({"params": block_parameters(model, config.finetune),
+                       "scale": config.finetune_learning_rate / config.learning_rate})
+        frozen = copy.deepcopy(model.model.layers, {id(router): router})  # the blocks as they are now
+        teacher = partial(blocks_swapped, model, frozen, router)
     if not groups:
         return {}
     exact_rate = router.calibrating_thresholds() if router.method == "learned" else contextlib.nullcontext()
     with exact_rate:
-        return distill(model, groups, router.disabled, windows, config, desc="router distillation")
+        result = distill(model, groups, teacher, windows, config, desc="router distillation")
+    if config.finetune:
+        result["finetuned_parameters"] = sum(p.numel() for p in groups[-1]["params"])
+    return result
+
+
+def block_parameters(model: nn.Module, parts: list[str]) -> list[nn.Parameter]:
+    """The weights of every decoder block's attention, MLP and/or norms (`parts`)."""
+    modules = {"attention": lambda layer: [layer.self_attn], "mlp": lambda layer: [layer.mlp],
+               "norms": lambda layer: [layer.input_layernorm, layer.post_attention_layernorm]}
+    return [p for layer in model.model.layers for part in parts for module in modules[part](layer)
+            for p in module.parameters()]
+
+
+@contextlib.contextmanager
+def blocks_swapped(model: nn.Module, blocks: nn.ModuleList, router: TokenRouter) -> Iterator[None]:
+    """The dense model with `blocks` in place of its decoder blocks, for the duration (the teacher while the
+    blocks train)."""
+    trained, model.model.layers = model.model.layers, blocks
+    try:
+        with router.disabled():
+            yield
+    finally:
+        model.model.layers = trained
