@@ -237,6 +237,21 @@ def test_round_trip_restores_the_routed_model(trained, tmp_path, token_windows_t
         load_optimized(out)
 
 
+def test_load_model_restores_a_routed_checkpoint_not_its_dense_architecture(trained, tmp_path, token_windows_tiny):
+    from transformers import AutoTokenizer
+
+    from llmopt.models import load_model, resolve_model
+
+    model, _ = trained
+    out = save_optimized(model, tmp_path / "routed", AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")))
+    reloaded, tokenizer = load_model(str(out))
+    ids = token_windows_tiny[:3]
+    assert tokenizer is not None and hasattr(reloaded.model, "token_router")
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="with routing: it loads whole into memory"):
+        load_model(str(out), max_memory={"cpu": "300MiB"}, offload_folder=str(tmp_path / "offload"))
+
+
 @pytest.mark.parametrize("name", ["shortgpt", "static", "random", "uniform"])
 def test_baselines_run_through_the_same_code(name, token_windows_tiny):
     config = TokenRouting().baselines(tiny_config())[name]

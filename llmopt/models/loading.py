@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -30,10 +31,17 @@ def resolve_model(name_or_path: str) -> str:
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device_map: str | None = None,
                max_memory: dict[str | int, str] | None = None, offload_folder: str | Path | None = None):
     """Load ``(model, tokenizer)`` in eval mode. With `max_memory` (e.g. ``{"cpu": "300MiB"}``) the weights that
-    do not fit are offloaded to `offload_folder` (accelerate, ``device_map="auto"``)."""
+    do not fit are offloaded to `offload_folder` (accelerate, ``device_map="auto"``).
+
+    A checkpoint saved by llmopt whose transforms change the model's structure (routing, sparse attention) loads
+    through `load_optimized`, so it runs as saved: ``from_pretrained`` would build the plain architecture and run
+    it dense."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(name_or_path)
+    structural = structural_transforms(source)
+    if structural:
+        return _load_structural(source, structural, dtype, device_map, max_memory)
     if max_memory is not None:
         if offload_folder is None:
             raise ValueError("max_memory needs an offload_folder for the weights that do not fit")
@@ -45,3 +53,32 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device_
         raise ValueError(f"could not load a causal LM from {source}: {error}") from error
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model.eval(), tokenizer
+
+
+def structural_transforms(source: str) -> list[str]:
+    """The transforms of an llmopt checkpoint in the directory `source` that are not vanilla (empty for anything
+    else: a plain or KV-compressed model, a hub id)."""
+    from llmopt.record import read_record
+    from llmopt.transforms import transform_for
+
+    config_file = Path(source) / "config.json"
+    try:
+        record = read_record(json.loads(config_file.read_text())) if config_file.is_file() else None
+    except json.JSONDecodeError:
+        return []  # from_pretrained says what is wrong with it
+    return [name for name, settings in (record.transforms.items() if record else ())
+            if not transform_for(settings).vanilla]
+
+
+def _load_structural(source: str, transforms: list[str], dtype: torch.dtype, device_map: str | None,
+                     max_memory: dict | None):
+    from llmopt.checkpoint import load_optimized
+
+    if device_map is not None or max_memory is not None:
+        raise ValueError(f"{source} is an llmopt checkpoint with {', '.join(transforms)}: it loads whole into "
+                         "memory (load_optimized); drop device_map / max_memory")
+    model, tokenizer = load_optimized(source, dtype=dtype)
+    if tokenizer is None:
+        raise ValueError(f"{source} has no tokenizer; save the model with its tokenizer (save_optimized(model, path, "
+                         "tokenizer))")
+    return model, tokenizer
