@@ -1,13 +1,13 @@
 """The eval suite: score every model on the same tasks in one run and write the retention report.
 
 Task names: ``wikipedia-ppl`` and ``news-ppl`` (held-out text, never calibration text; ``wikipedia-ppl:4096`` for
-longer windows at the same token count), ``docs-ppl`` (out-of-domain text: Django's documentation), ``passkey`` and ``multihop`` (retrieval, scored as ``passkey@<length>``;
-``passkey:8192`` for one length), ``decode-ppl:<prefix>`` (held-out Wikipedia tokens after a `prefix`-token
-context, fed one by one through the KV cache: what a transform of decoding changes), ``answers`` (greedy answers to
-short factual and instruction prompts against the reference's: ``answers-exact`` and ``answers-f1``),
-``analogies``, ``bigbench:<task>[/<subtask>]``, ``default`` (the default suite),
-``long`` (long-context tasks, where sparse attention engages), or any lm-eval task or group name where its data is
-available.
+longer windows at the same token count), ``docs-ppl`` (out-of-domain text: Django's documentation), ``passkey``
+and ``multihop`` (retrieval, scored as ``passkey@<length>``; ``passkey:8192`` for one length),
+``decode-ppl:<prefix>`` (held-out Wikipedia tokens after a `prefix`-token context, fed one by one through the KV
+cache: what a transform of decoding changes), ``answers`` (greedy answers to short factual and instruction
+prompts against the reference's: ``answers-exact`` and ``answers-f1``), ``analogies``,
+``bigbench:<task>[/<subtask>]``, ``default`` (the default suite), ``long`` (long-context tasks, where sparse
+attention engages), or any lm-eval task or group name where its data is available.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def run_suite(models: dict[str, tuple], reference: str, tasks: list[str], limit:
 
     reference_kv = model_costs(models[reference][0])["kv_bytes_per_token"]
     scores, facts = {}, {}
-    models = {reference: models[reference], **models}  # the reference first: variants' answers are scored against its
+    models = {reference: models[reference], **models}  # first: the variants' answers are scored against its
     for index, (name, (model, tokenizer)) in enumerate(models.items(), 1):
         started = time.perf_counter()
         _log(f"{name} ({index}/{len(models)}): {', '.join(tasks)}")

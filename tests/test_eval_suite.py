@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+from tiny_models import TINY, tiny_model
+
 from llmopt.eval.answers import PROMPTS, agreement, first_sentence, greedy_answers, word_f1
 from llmopt.eval.passkey import candidate_keys, continuation_log_likelihoods, multihop_prompt, passkey_prompt
 from llmopt.eval.perplexity import decode_nll, perplexity, perplexity_stderr, window_nll
 from llmopt.eval.report import Score
 from llmopt.eval.suite import evaluate_model, expand_tasks, local_task, run_suite
-from tiny_models import TINY, tiny_model
 
 
 class CharTokenizer:
