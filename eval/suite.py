@@ -126,7 +126,7 @@ def answer_scores(model, tokenizer, limit: int | None = None,
 
     prompts = PROMPTS[:limit]
     answers = dict(zip(prompts, greedy_answers(model, tokenizer, prompts)))
-    expected = answers if reference is None else reference.get(f"{ANSWERS_TASK}-exact", Score(0)).outputs
+    expected = answers if reference is None else getattr(reference.get(f"{ANSWERS_TASK}-exact"), "outputs", None)
     if expected is None or set(prompts) - set(expected):
         raise ValueError("the answers task needs the reference's answers: evaluate the reference on it first")
     scores = {}

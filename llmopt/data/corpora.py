@@ -27,7 +27,7 @@ _NEWS = "gensim/test/test_data/lee_background.cor"
 CORPORA = ("wikipedia", "news")  # calibration and held-out parts
 OUT_OF_DOMAIN = ("docs",)  # held out whole
 HELDOUT_FRACTION = 0.2
-_MIN_WORDS = 150
+MIN_WORDS = 150
 
 Part = Literal["calibration", "heldout"]
 
@@ -86,7 +86,7 @@ def _wikipedia_articles(xml: bytes) -> list[str]:
         if namespace != "0" or markup.lstrip().upper().startswith("#REDIRECT"):
             continue
         text = strip_wiki_markup(markup)
-        if len(text.split()) >= _MIN_WORDS:
+        if len(text.split()) >= MIN_WORDS:
             articles.append(text)
     return articles
 

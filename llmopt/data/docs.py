@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 import tarfile
 
+from llmopt.data.corpora import MIN_WORDS
 from llmopt.data.packages import package_file
 
 DJANGO = "Django==5.1.4"
 _SKIPPED = ("/docs/releases/", "/docs/_theme/", "/docs/_ext/", "/docs/man/")
-_MIN_WORDS = 150
 _UNDERLINE = re.compile(r"^([=\-~^\"'`#*+.:_])\1{2,}\s*$")
 _DIRECTIVE = re.compile(r"^\s*\.\. ")
 _OPTION = re.compile(r"^\s+:[\w -]+:")
@@ -24,7 +24,7 @@ _REFERENCE = re.compile(r"`([^`<]+?)\s*(?:<[^`>]*>)?`_{1,2}")
 
 
 def django_docs() -> list[str]:
-    """Every documentation page of at least 150 words, as plain text, in path order."""
+    """Every documentation page of at least `MIN_WORDS` words, as plain text, in path order."""
     pages = []
     with tarfile.open(package_file(DJANGO, sdist=True)) as sdist:
         for member in sorted(sdist.getmembers(), key=lambda m: m.name):
@@ -32,7 +32,7 @@ def django_docs() -> list[str]:
             if "/docs/" not in name or not name.endswith(".txt") or any(s in name for s in _SKIPPED):
                 continue
             text = strip_rst(sdist.extractfile(member).read().decode("utf-8"))
-            if len(text.split()) >= _MIN_WORDS:
+            if len(text.split()) >= MIN_WORDS:
                 pages.append(text)
     return pages
 

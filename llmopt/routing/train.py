@@ -5,8 +5,8 @@ Two stages (see `RouterTrainingConfig`): the guide, a regression of the router's
 on the dense model (forward passes only), then distillation against the dense model (`llmopt.distill`; the
 teacher is the same model with routing switched off) through straight-through gates, which trains the skip
 adapters and, at its own learning rate, the router (and optionally the blocks' own weights, against a frozen
-copy of them). In distillation each block's threshold is re-set on every
-batch to skip exactly its target share, so the router can only choose *which* tokens skip, never how many.
+copy of them). In distillation each block's threshold is re-set on every batch to skip exactly its target share,
+so the router can only choose *which* tokens skip, never how many.
 """
 
 from __future__ import annotations
@@ -123,10 +123,9 @@ def train_router(model: nn.Module, router: TokenRouter, windows: torch.Tensor,
     groups = [{"params": adapters}] if adapters else []
     if scoring and config.router_learning_rate:
         groups.append({"params": scoring, "scale": config.router_learning_rate / config.learning_rate})
-    teacher = router.disabled
-    if config.finetune:
-        groups.append({"params": block_parameters(model, config.finetune),
-                       "scale": config.finetune_learning_rate / config.learning_rate})
+    teacher, tuned = router.disabled, block_parameters(model, config.finetune)
+    if tuned:
+        groups.append({"params": tuned, "scale": config.finetune_learning_rate / config.learning_rate})
         frozen = copy.deepcopy(model.model.layers, {id(router): router})  # the blocks as they are now
         teacher = partial(blocks_swapped, model, frozen, router)
     if not groups:
@@ -134,8 +133,8 @@ def train_router(model: nn.Module, router: TokenRouter, windows: torch.Tensor,
     exact_rate = router.calibrating_thresholds() if router.method == "learned" else contextlib.nullcontext()
     with exact_rate:
         result = distill(model, groups, teacher, windows, config, desc="router distillation")
-    if config.finetune:
-        result["finetuned_parameters"] = sum(p.numel() for p in groups[-1]["params"])
+    if tuned:
+        result["finetuned_parameters"] = sum(p.numel() for p in tuned)
     return result
 
 
