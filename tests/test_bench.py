@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tiny_models import tiny_model
@@ -230,6 +231,30 @@ def test_throughput_section_compares_every_checkpoint_with_the_original(tmp_path
     assert rows["routing", "output tokens/s"].optimized.median == pytest.approx((8 * 32 / 4.0 + 8 * 32 / 4.4) / 2)
     assert rows["sparse", "requests/s"].ratio.median < 1
     assert "40% of the routed blocks' tokens skipped" in result.notes[-1]
+
+
+def test_sparse_section_times_vllm_decode_of_the_sparse_checkpoint_against_the_original(tmp_path, monkeypatch):
+    """The vLLM engine's results made up: decode steps per second of both models, as a ratio."""
+    from llmopt.bench import sparse_attention, throughput, vllm_engine
+    from llmopt.bench.runner import Bench
+    from llmopt.bench.settings import QUICK
+    from llmopt.sparse.config import SparseAttentionConfig
+
+    jobs = []
+
+    def engine(job, _log):
+        jobs.append(job)
+        seconds = {"original": [3.1, 3.1], "sparse": [6.2, 6.2, 9.3]}[Path(job["model"]).name]
+        return {"tasks": [{**job["tasks"][0], "decode_s": seconds}]}
+
+    monkeypatch.setattr(vllm_engine, "run_engine", engine)
+    bench = Bench("tiny", tmp_path / "kv.yaml", QUICK, tmp_path)
+    monkeypatch.setattr(Bench, "original", lambda _self: tmp_path / "original")
+    bench.shared[f"checkpoint:{throughput.RECIPES['sparse']}"] = tmp_path / "sparse"
+    row = sparse_attention.vllm_decode_row(bench, SparseAttentionConfig(block_size=64, decode_pages=16))
+    assert [job["tasks"][0]["prompt"] for job in jobs] == [1536, 1536] and jobs[0]["max_model_len"] == 1568
+    assert row.claim == "vLLM decode, batch 2, context 1536+32, pages read 0.72" and row.unit == "steps/s"
+    assert row.original.median == pytest.approx(31 / 3.1) and row.ratio.median == pytest.approx(0.5)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ engine: a plain model served exactly as without the plugin, sparse and routed ch
 through chunked prefill, batching (and, sparse, the prefix cache), and the OpenAI server under 32 concurrent
 requests."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -86,26 +87,76 @@ def test_register_is_idempotent_and_replaces_cpu_attention(monkeypatch):
         ModelRegistry.models.pop(plugin.ROUTED_ARCHITECTURE, None)
 
 
+def paged_cache(k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor, block_size: int, num_blocks: int,
+                cache: torch.Tensor | None = None, isa: str = "vec") -> torch.Tensor:
+    """k/v ``[L, Hkv, D]`` written by vLLM's CPU kernel into the blocks `blocks` of a (new) paged cache."""
+    from vllm import _custom_ops as ops
+
+    hkv, d = k.shape[1:]
+    if cache is None:
+        cache = torch.zeros(num_blocks, hkv, block_size, 2 * d, dtype=k.dtype)
+    key_cache, value_cache = cache.view(num_blocks, hkv, 2 * block_size, d).chunk(2, dim=2)
+    positions = torch.arange(len(k))
+    slots = blocks[positions // block_size].long() * block_size + positions % block_size
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype="auto")
+    return cache
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("isa, head_size", [("vec", 64), ("vec16", 80)])
 def test_gather_kv_reads_back_what_vllms_cpu_kernel_wrote(isa, head_size, dtype):
     pytest.importorskip("vllm")
-    from vllm import _custom_ops as ops
-
     from llmopt.vllm_plugin.paged_kv import LAYOUT_ISAS, gather_kv
 
     assert isa in LAYOUT_ISAS
     num_blocks, hkv, block_size, seq_len = 6, 2, 32, 70
-    cache = torch.zeros(num_blocks, hkv, block_size, 2 * head_size, dtype=dtype)
-    key_cache, value_cache = cache.view(num_blocks, hkv, 2 * block_size, head_size).chunk(2, dim=2)
     k, v = torch.randn(2, seq_len, hkv, head_size).to(dtype)
     blocks = torch.tensor([4, 1, 3, 0], dtype=torch.int32)  # the request's blocks, out of order
-    positions = torch.arange(seq_len)
-    slots = blocks[positions // block_size].long() * block_size + positions % block_size
-    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
-                                   kv_cache_dtype="auto")
+    cache = paged_cache(k, v, blocks, block_size, num_blocks, isa=isa)
     read_k, read_v = gather_kv(cache, blocks, seq_len)
     assert torch.equal(read_k[0].transpose(0, 1), k) and torch.equal(read_v[0].transpose(0, 1), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paged_sparse_decode_attends_the_pages_transformers_chooses_and_forgets_rewritten_pages(dtype):
+    pytest.importorskip("vllm")
+    from llmopt.sparse.decode import select_pages, sparse_decode_torch, summarize
+    from llmopt.vllm_plugin.paged_decode import PagedKeyBounds, paged_sparse_decode
+
+    generator = torch.Generator().manual_seed(0)
+    hkv, h, d, block_size, page, pages, num_blocks = 2, 4, 64, 64, 16, 2, 12
+    lengths = [200, 129, 160]  # a partial last page, a single token on it, none
+    tables = torch.tensor([[3, 7, 0, 9], [5, 1, 11, 2], [8, 4, 10, 6]], dtype=torch.int32)
+    keys = [torch.randn(n, hkv, d, generator=generator).to(dtype) for n in lengths]
+    values = [torch.randn(n, hkv, d, generator=generator).to(dtype) for n in lengths]
+    q = torch.randn(3, h, d, generator=generator).to(dtype)
+
+    def expected(i: int) -> torch.Tensor:
+        k, v = keys[i].transpose(0, 1)[None], values[i].transpose(0, 1)[None]
+        indices, _ = select_pages(q[i:i + 1], summarize(k, page, None), lengths[i], page, pages)
+        return sparse_decode_torch(q[i:i + 1], k, v, indices, page, d ** -0.5)[0]
+
+    cache = None
+    for k, v, table in zip(keys, values, tables):
+        cache = paged_cache(k, v, table, block_size, num_blocks, cache)
+    bounds = PagedKeyBounds(cache, page)
+    seq_lens = torch.tensor(lengths)
+    got = paged_sparse_decode(q, cache, tables, seq_lens, bounds, pages, d ** -0.5)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for i in range(3):
+        torch.testing.assert_close(got[i], expected(i), **tolerance)
+    # request 1's blocks go to a new request (vLLM freed them): the written slots invalidate their pages
+    keys[1] = torch.randn(lengths[1], hkv, d, generator=generator).to(dtype) * 3
+    values[1] = torch.randn(lengths[1], hkv, d, generator=generator).to(dtype)
+    paged_cache(keys[1], values[1], tables[1], block_size, num_blocks, cache)
+    positions = torch.arange(lengths[1])
+    stale = paged_sparse_decode(q, cache, tables, seq_lens, bounds, pages, d ** -0.5)
+    bounds.invalidate(tables[1][positions // block_size].long() * block_size + positions % block_size)
+    fresh = paged_sparse_decode(q, cache, tables, seq_lens, bounds, pages, d ** -0.5)
+    torch.testing.assert_close(fresh[1], expected(1), **tolerance)
+    assert not torch.allclose(stale[1], fresh[1], rtol=1e-3, atol=1e-3)  # stale bounds chose other pages
+    torch.testing.assert_close(fresh[[0, 2]], got[[0, 2]], rtol=0, atol=0)
 
 
 def write_config(path: Path, config: dict) -> Path:
@@ -165,11 +216,15 @@ def test_plain_model_is_served_exactly_as_without_the_plugin(tmp_path, prompts):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_sparse_checkpoint_gives_the_greedy_tokens_of_the_sparse_model_in_transformers(tmp_path, prompts):
-    dense, sparse = tiny_model(**SHAPE), patch_model(tiny_model(**SHAPE), SPARSE)
+    """Sparse prefill and sparse decode (2 of 16 pages and the newest, per KV head) as transformers runs them."""
+    dense, prefill_only = tiny_model(**SHAPE), patch_model(tiny_model(**SHAPE), SPARSE)
+    sparse = patch_model(tiny_model(**SHAPE), dataclasses.replace(SPARSE, decode_pages=2))
     expected = {name: greedy(sparse, ids) for name, ids in prompts.items()}
+    assert sparse.llmopt_sparse_stats.calls["torch-decode"] > 0
     assert expected["long"] != greedy(dense, prompts["long"])  # sparse attention changes these outputs ...
     assert expected["long_b"] != greedy(dense, prompts["long_b"])
     assert expected["short"] == greedy(dense, prompts["short"])  # ... and not those of a short prompt
+    assert expected["long"] != greedy(prefill_only, prompts["long"])  # sparse decode changes them too
     path = save_optimized(sparse, tmp_path / "sparse")
     # the long prompt in two chunks; again, from the prefix cache; a long prompt whose second chunk shares a step
     # with a short (dense) prompt. Chunks start on block boundaries however the requests reach the scheduler: a

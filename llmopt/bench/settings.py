@@ -13,7 +13,8 @@ class Settings:
     their fixed KV budget holds `serving_concurrency` sequences of the original's longest load; each is timed
     `serving_repeats` times. Routing: a prefill of `routing_prefill` tokens, greedy decode at each of
     `routing_decode_batches` (`decode_tokens` tokens after 128-token prompts). `throughput_loads`: (requests,
-    prompt, output) of vLLM throughput on held-out text, every checkpoint."""
+    prompt, output) of vLLM throughput on held-out text, every checkpoint. `sparse_vllm_decode`: (batch, prompt) of
+    vLLM decode, the sparse checkpoint against the original, each generating `decode_tokens`."""
 
     repeats: int
     warmup: int
@@ -27,6 +28,7 @@ class Settings:
     max_model_len: int
     sparse_lengths: tuple[int, ...]
     sparse_layers: tuple[int, ...]
+    sparse_vllm_decode: tuple[int, int]
     routing_prefill: int
     routing_decode_batches: tuple[int, ...]
     throughput_loads: tuple[tuple[int, int, int], ...]
@@ -38,6 +40,7 @@ FULL = Settings(repeats=5, warmup=1, capacity_gib=4,
                 serving_loads=((64, 1024, 256), (64, 32, 512)), serving_repeats=3, serving_concurrency=16,
                 max_num_seqs=64,
                 max_model_len=4096, sparse_lengths=(4096, 8192, 16384), sparse_layers=(3, 6, 9),
+                sparse_vllm_decode=(4, 4096),
                 routing_prefill=2048, routing_decode_batches=(1, 8),
                 throughput_loads=((32, 256, 64), (4, 2048, 32)),
                 time_calibration=True)
@@ -46,6 +49,7 @@ FULL = Settings(repeats=5, warmup=1, capacity_gib=4,
 QUICK = Settings(repeats=3, warmup=1, capacity_gib=None,
                  decode_loads=((1, 32), (1, 96), (4, 96)), decode_tokens=32,
                  serving_loads=((24, 32, 64),), serving_repeats=3, serving_concurrency=8, max_num_seqs=32,
-                 max_model_len=256, sparse_lengths=(1024, 2048), sparse_layers=(3,), routing_prefill=1024,
+                 max_model_len=256, sparse_lengths=(1024, 2048), sparse_layers=(3,), sparse_vllm_decode=(2, 1536),
+                 routing_prefill=1024,
                  routing_decode_batches=(1, 4), throughput_loads=((8, 64, 32),),
                  time_calibration=False)

@@ -44,15 +44,23 @@ def summarize(k: torch.Tensor, page_size: int, summary: PageSummary | None) -> P
     return PageSummary(low, high)
 
 
+def page_bounds(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, P]`` float32: per KV head, the sum over its query heads of the bound on each page's best score.
+    q ``[B, H, D]``; low, high ``[B, Hkv, P, D]``: the pages' key min and max."""
+    b, h, d = q.shape
+    hkv = low.shape[1]
+    qg = q.view(b, hkv, h // hkv, 1, d).float()
+    bound = torch.maximum(qg * low[:, :, None].float(), qg * high[:, :, None].float())
+    return bound.sum(-1).sum(2)
+
+
 def select_pages(q: torch.Tensor, summary: PageSummary, length: int, page_size: int,
                  pages: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(page_indices ``[B, Hkv, K]``, page_counts ``[B, Hkv]``) int32, ascending: the first page, the `pages`
     best-bounded full pages after it and every page not summarized. q ``[B, H, D]``; `length` keys in the cache."""
-    b, h, d = q.shape
+    b = q.shape[0]
     hkv = summary.low.shape[1]
-    qg = q.view(b, hkv, h // hkv, 1, d).float()
-    bound = torch.maximum(qg * summary.low[:, :, None].float(), qg * summary.high[:, :, None].float())
-    bound = bound.sum(-1).sum(2)  # [B, Hkv, P]
+    bound = page_bounds(q, summary.low, summary.high)
     bound[..., :1] = math.inf  # the sink (when a full page exists)
     chosen = bound.topk(min(pages + 1, summary.pages), dim=-1).indices
     tail = torch.arange(summary.pages, math.ceil(length / page_size), device=q.device)

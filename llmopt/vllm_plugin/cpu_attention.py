@@ -1,16 +1,18 @@
-"""vLLM's CPU attention with llmopt's block-sparse prefill, for models whose record asks for it.
+"""vLLM's CPU attention with llmopt's block-sparse prefill and sparse decode, for models whose record asks for it.
 
 Registered in place of ``CPU_ATTN`` (the CPU platform ignores a CUSTOM backend), so it runs for every model
 served while the plugin is loaded; for a model without a ``sparse`` record it is vLLM's backend unchanged.
-For a sparse model, each step's requests split in two:
+For a sparse model, each step's requests split three ways:
 
-- sparse: a prefill chunk (query length > 1) whose context, earlier chunks and cached prefix included, holds at
+- sparse prefill: a chunk (query length > 1) whose context, earlier chunks and cached prefix included, holds at
   least ``min_seq_len`` tokens. Its K/V are read back from the paged cache (vLLM writes the step's K/V before
   attention runs) and its queries, the last ones of the context, attend to the blocks llmopt's selector keeps
   (`sparse_chunk_attention`: the torch path). A prompt attended in one step is exactly the transformers model's
   sparse prefill; so is a chunked one, wherever chunks start on a sparse block boundary.
-- dense: decode steps (also where the record sets `decode_pages`: sparse decode runs in transformers only, and a
-  warning says so) and shorter prefills, through vLLM's C++ kernel over the other requests only.
+- sparse decode, where the record sets `decode_pages`: a decode token whose context holds at least
+  ``min_seq_len`` tokens and more than ``decode_pages + 2`` pages (`paged_sparse_decode`: the pages
+  transformers' sparse decode chooses, read from the paged cache, with per-page key bounds kept beside it).
+- dense: the other decode steps and shorter prefills, through vLLM's C++ kernel over the other requests only.
 
 Chunked prefill and prefix caching stay on: a later chunk, or the suffix after a cached prefix, attends to the
 earlier KV through the cache like any other.
@@ -35,6 +37,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from llmopt.record import read_record
 from llmopt.sparse.config import SparseAttentionConfig
+from llmopt.vllm_plugin.paged_decode import PagedKeyBounds, paged_sparse_decode
 from llmopt.vllm_plugin.paged_kv import LAYOUT_ISAS, gather_kv
 from llmopt.vllm_plugin.sparse_chunk import sparse_chunk_attention
 
@@ -60,11 +63,22 @@ class SparseRow:
 
 
 @dataclass
+class DecodeRows:
+    """The decode tokens attended sparsely: their indices in the flat batch, context lengths and block tables."""
+
+    tokens: torch.Tensor  # [R]
+    seq_lens: torch.Tensor  # [R]
+    block_table: torch.Tensor  # [R, W]
+
+
+@dataclass
 class SparsePlan:
-    """A step's split: the sparse rows, and the other requests' tokens with their own dense metadata."""
+    """A step's split: the sparse prefill rows and decode tokens, and the other requests' tokens with their own
+    dense metadata."""
 
     config: SparseAttentionConfig
     rows: list[SparseRow]
+    decode: DecodeRows | None
     dense_tokens: torch.Tensor  # [n] indices into the flat batch
     dense: CPUAttentionMetadata | None
 
@@ -87,10 +101,12 @@ class SparseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             logger.warning("llmopt sparse attention: the %s kernel's KV cache layout is not supported (only %s); "
                            "attention runs dense", self.isa, ", ".join(LAYOUT_ISAS))
             config = None
-        if config is not None and config.decode_pages:
-            logger.warning("llmopt sparse attention: the record asks for sparse decode (decode_pages=%d); in vLLM "
-                           "decode runs dense (only prefill is sparse here)", config.decode_pages)
         self.sparse = config
+        self.decode_pages = config.decode_pages if config is not None else 0
+        if self.decode_pages and self.block_size % config.block_size:
+            logger.warning("llmopt sparse attention: vLLM's block size %d is not a multiple of the sparse page size "
+                           "%d; decode runs dense", self.block_size, config.block_size)
+            self.decode_pages = 0
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseCPUAttentionMetadata:
@@ -104,14 +120,22 @@ class SparseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         """Which requests of the step run sparse (None: none does)."""
         starts = common.query_start_loc_cpu.tolist()
         seq_lens = common.seq_lens.cpu().tolist()
-        sparse = [i for i in range(common.num_reqs)
-                  if starts[i + 1] - starts[i] > 1 and seq_lens[i] >= config.min_seq_len]
-        if not sparse:
+        long = [i for i in range(common.num_reqs) if seq_lens[i] >= config.min_seq_len]
+        prefill = [i for i in long if starts[i + 1] - starts[i] > 1]
+        decode = [i for i in long if starts[i + 1] - starts[i] == 1 and self.decode_pages
+                  and self.decode_pages + 2 < -(-seq_lens[i] // config.block_size)]
+        if not prefill and not decode:
             return None
-        rows = [SparseRow(starts[i], starts[i + 1], seq_lens[i], common.block_table_tensor[i]) for i in sparse]
-        dense = [i for i in range(common.num_reqs) if i not in sparse]
+        rows = [SparseRow(starts[i], starts[i + 1], seq_lens[i], common.block_table_tensor[i]) for i in prefill]
+        decoding = None
+        if decode:
+            index = torch.tensor(decode, dtype=torch.long)
+            decoding = DecodeRows(torch.tensor([starts[i] for i in decode], dtype=torch.long),
+                                  torch.tensor([seq_lens[i] for i in decode], dtype=torch.long),
+                                  common.block_table_tensor[index])
+        dense = [i for i in range(common.num_reqs) if i not in prefill and i not in decode]
         tokens = [t for i in dense for t in range(starts[i], starts[i + 1])]
-        return SparsePlan(config, rows, torch.tensor(tokens, dtype=torch.long),
+        return SparsePlan(config, rows, decoding, torch.tensor(tokens, dtype=torch.long),
                           self._dense_metadata(common_prefix_len, common, dense) if dense else None)
 
     def _dense_metadata(self, common_prefix_len: int, common: CommonAttentionMetadata,
@@ -131,12 +155,16 @@ class SparseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
+    bounds: PagedKeyBounds | None = None  # this layer's page key bounds, once a sparse decode needed them
+
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: CPUAttentionMetadata | None, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
         """query ``[T, H, D]``, key/value ``[T, Hkv, D]`` (already in `kv_cache`) → output ``[T, H, D]``."""
         plan = getattr(attn_metadata, "plan", None)
+        if self.bounds is not None and attn_metadata is not None:
+            self.bounds.invalidate(attn_metadata.slot_mapping[:attn_metadata.num_actual_tokens])
         if plan is None or not self._can_be_sparse() or output_scale is not None or output_block_scale is not None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
@@ -148,6 +176,9 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         for row in plan.rows:
             output[row.start:row.stop] = self._sparse_prefill(query[row.start:row.stop], kv_cache, row,
                                                               plan.config)
+        if plan.decode is not None:
+            output[plan.decode.tokens] = self._sparse_decode(query[plan.decode.tokens], kv_cache, plan.decode,
+                                                             plan.config)
         return output
 
     def _can_be_sparse(self) -> bool:
@@ -161,9 +192,17 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         k, v = gather_kv(kv_cache, row.blocks, row.seq_len)
         return sparse_chunk_attention(query.transpose(0, 1)[None], k, v, config, self.scale)[0].transpose(0, 1)
 
+    def _sparse_decode(self, query: torch.Tensor, kv_cache: torch.Tensor, rows: DecodeRows,
+                       config: SparseAttentionConfig) -> torch.Tensor:
+        """query ``[R, H, D]``, one decode token per request → output ``[R, H, D]``."""
+        if self.bounds is None or not self.bounds.covers(kv_cache):
+            self.bounds = PagedKeyBounds(kv_cache, config.block_size)
+        return paged_sparse_decode(query, kv_cache, rows.block_table, rows.seq_lens, self.bounds,
+                                   config.decode_pages, self.scale)
+
 
 class SparseCPUAttentionBackend(CPUAttentionBackend):
-    """``CPU_ATTN`` with a sparse prefill for llmopt sparse models (`get_name` keeps the stock name)."""
+    """``CPU_ATTN`` with sparse prefill and decode for llmopt sparse models (`get_name` keeps the stock name)."""
 
     @staticmethod
     def get_impl_cls() -> type[SparseCPUAttentionImpl]:

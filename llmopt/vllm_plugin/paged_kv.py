@@ -22,3 +22,27 @@ def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> 
     k = blocks[:, :, 0].view(-1, hkv, d, block_size).permute(1, 0, 3, 2).reshape(hkv, -1, d)
     v = blocks[:, :, 1].view(-1, hkv, block_size, d).transpose(0, 1).reshape(hkv, -1, d)
     return k[None, :, :seq_len], v[None, :, :seq_len]
+
+
+def page_views(kv_cache: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys ``[num_blocks, Hkv, D, pages_per_block, page_size]``, values ``[num_blocks, Hkv, pages_per_block,
+    page_size, D]``): views of the cache by page of `page_size` positions (a divisor of the block size)."""
+    num_blocks, hkv, block_size, two_d = kv_cache.shape
+    d, per_block = two_d // 2, block_size // page_size
+    halves = kv_cache.view(num_blocks, hkv, 2, block_size * d)
+    return (halves[:, :, 0].unflatten(-1, (d, per_block, page_size)),
+            halves[:, :, 1].unflatten(-1, (per_block, page_size, d)))
+
+
+
+
+def read_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor,
+                heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k transposed ``[*S, D, block_size]``, v ``[*S, block_size, D]``) of KV head `heads` in cache block
+    `blocks` (broadcast together to shape S): whole blocks, one contiguous copy each, which is much faster than
+    gathering parts of them."""
+    num_blocks, hkv, block_size, two_d = kv_cache.shape
+    d = two_d // 2
+    blocks, heads = torch.broadcast_tensors(blocks.long(), heads.long())
+    read = kv_cache.view(num_blocks * hkv, 2, block_size * d).index_select(0, (blocks * hkv + heads).flatten())
+    return read[:, 0].view(*blocks.shape, d, block_size), read[:, 1].view(*blocks.shape, block_size, d)
