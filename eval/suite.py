@@ -90,7 +90,7 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
 
 def perplexity_score(model, tokenizer, corpus: str, limit: int | None = None, seq_len: int | None = None) -> Score:
     """Perplexity on held-out windows of `seq_len` tokens (default `PPL_SEQ_LEN`), as many as make `PPL_WINDOWS`
-    default windows' tokens (at least one), with its stderr."""
+    default windows' tokens (at least one), evenly spaced over the held-out split, with its stderr."""
     from llmopt.eval.perplexity import perplexity_stderr, window_nll
 
     from llmopt.data.corpora import corpus_split
@@ -98,7 +98,8 @@ def perplexity_score(model, tokenizer, corpus: str, limit: int | None = None, se
 
     seq_len = seq_len or PPL_SEQ_LEN
     count = max(1, PPL_WINDOWS * PPL_SEQ_LEN // seq_len)
-    windows = token_windows(corpus_split(corpus, "heldout"), tokenizer, seq_len, min(limit or count, count))
+    windows = token_windows(corpus_split(corpus, "heldout"), tokenizer, seq_len, min(limit or count, count),
+                            spread=True)
     nll = window_nll(model, windows)
     return Score(math.exp(nll.mean().item()), perplexity_stderr(nll), "ppl", higher_is_better=False,
                  n=windows.numel() - len(windows))
@@ -112,7 +113,7 @@ def decode_perplexity_score(model, tokenizer, prefix: int, limit: int | None = N
     from llmopt.data.windows import token_windows
 
     windows = token_windows(corpus_split("wikipedia", "heldout"), tokenizer, prefix + DECODE_TOKENS,
-                            min(limit or DECODE_WINDOWS, DECODE_WINDOWS))
+                            min(limit or DECODE_WINDOWS, DECODE_WINDOWS), spread=True)
     nll = decode_nll(model, windows, prefix)
     return Score(math.exp(nll.mean().item()), perplexity_stderr(nll), "ppl", higher_is_better=False,
                  n=len(windows) * DECODE_TOKENS)

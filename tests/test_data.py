@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from llmopt.data.corpora import CORPORA, calibration_texts, corpus_split, strip_wiki_markup
@@ -69,6 +70,15 @@ def test_token_windows(tokenizer):
     assert (windows == tokenizer.eos_token_id).any()  # documents are separated
     with pytest.raises(ValueError, match="fewer than one window of 512"):
         token_windows(["too short"], tokenizer, 512)
+
+
+def test_spread_windows_cover_every_document_not_the_first_one(tokenizer):
+    documents = [f"Document {i} says {'word ' * 60}" for i in range(10)]
+    every = token_windows(documents, tokenizer, 16)
+    first, spread = (token_windows(documents, tokenizer, 16, 5, spread=spread) for spread in (False, True))
+    assert torch.equal(first, every[:5])
+    assert torch.equal(spread, every[torch.linspace(0, len(every) - 1, 5).round().long()])
+    assert "Document 2" not in tokenizer.decode(first.flatten())  # the first windows: the first documents only
 
 
 def test_read_texts(tmp_path):

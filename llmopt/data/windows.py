@@ -8,8 +8,11 @@ from pathlib import Path
 import torch
 
 
-def token_windows(texts: list[str], tokenizer, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Documents joined by EOS, tokenized and cut into non-overlapping windows.
+def token_windows(texts: list[str], tokenizer, seq_len: int, max_windows: int | None = None,
+                  spread: bool = False) -> torch.Tensor:
+    """Documents joined by EOS, tokenized and cut into non-overlapping windows: the first `max_windows` of them,
+    or with ``spread`` that many evenly spaced over all of the text (a held-out split scored across its
+    documents, not on its first one).
 
     Returns a LongTensor ``[n, seq_len]``; the ragged tail is dropped. Raises if not even one window fits.
     """
@@ -17,18 +20,23 @@ def token_windows(texts: list[str], tokenizer, seq_len: int, max_windows: int | 
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
-    needed = None if max_windows is None else max_windows * seq_len
+    needed = None if max_windows is None or spread else max_windows * seq_len
     for text in texts:
         if text.strip():
             ids += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
         if needed is not None and len(ids) >= needed:
             break
-    n = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
-    if n == 0:
+    available = len(ids) // seq_len
+    if available == 0:
         raise ValueError(
             f"the text holds {len(ids)} tokens, fewer than one window of {seq_len}: give more text or a shorter seq_len"
         )
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    windows = torch.tensor(ids[: available * seq_len], dtype=torch.long).view(available, seq_len)
+    if max_windows is None or max_windows >= available:
+        return windows
+    if spread:
+        return windows[torch.linspace(0, available - 1, max_windows).round().long()]
+    return windows[:max_windows]
 
 
 def read_texts(path: str | Path) -> list[str]:
