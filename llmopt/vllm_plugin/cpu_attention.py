@@ -133,7 +133,8 @@ class SparseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             decoding = DecodeRows(torch.tensor([starts[i] for i in decode], dtype=torch.long),
                                   torch.tensor([seq_lens[i] for i in decode], dtype=torch.long),
                                   common.block_table_tensor[index])
-        dense = [i for i in range(common.num_reqs) if i not in prefill and i not in decode]
+        sparse = set(prefill) | set(decode)
+        dense = [i for i in range(common.num_reqs) if i not in sparse]
         tokens = [t for i in dense for t in range(starts[i], starts[i + 1])]
         return SparsePlan(config, rows, decoding, torch.tensor(tokens, dtype=torch.long),
                           self._dense_metadata(common_prefix_len, common, dense) if dense else None)

@@ -14,7 +14,7 @@ import math
 import torch
 
 from llmopt.sparse.decode import page_bounds
-from llmopt.vllm_plugin.paged_kv import page_views, read_blocks
+from llmopt.vllm_plugin.paged_kv import page_keys, read_blocks
 
 
 class PagedKeyBounds:
@@ -41,9 +41,8 @@ class PagedKeyBounds:
         wanted = pages.flatten().long()
         missing = wanted[~self.valid[wanted]].unique()
         if len(missing):
-            keys, _ = page_views(kv_cache, self.page_size)
-            page_keys = keys[missing // self.per_block, :, :, missing % self.per_block]  # [n, Hkv, D, page]
-            self.low[missing], self.high[missing] = page_keys.amin(-1), page_keys.amax(-1)
+            keys = page_keys(kv_cache, self.page_size)[missing // self.per_block, :, :, missing % self.per_block]
+            self.low[missing], self.high[missing] = keys.amin(-1), keys.amax(-1)  # keys [n, Hkv, D, page]
             self.valid[missing] = True
         return self.low[pages].transpose(1, 2), self.high[pages].transpose(1, 2)
 
@@ -68,15 +67,16 @@ def paged_sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     bound[..., 0] = math.inf  # the sink
     chosen = bound.topk(pages + 1, dim=-1).indices
     selected = torch.cat([chosen, full[:, None, None].expand(-1, hkv, 1)], -1)  # and the partial page [R, Hkv, K]
-    column = (selected // bounds.per_block).clamp(max=table.shape[1] - 1)
-    k, v = read_blocks(kv_cache, table.gather(1, column.flatten(1)).view_as(selected), torch.arange(hkv)[:, None])
+    column = selected // bounds.per_block  # the page's block in the request's table
+    blocks = table.gather(1, column.clamp(max=table.shape[1] - 1).flatten(1)).view_as(selected)
+    k, v = read_blocks(kv_cache, blocks, torch.arange(hkv)[:, None])
     offset = torch.arange(block_size)
-    positions = (selected // bounds.per_block)[..., None] * block_size + offset  # [R, Hkv, K, block]
+    positions = column[..., None] * block_size + offset  # [R, Hkv, K, block]
     keep = (offset // size == selected[..., None] % bounds.per_block) & (positions < seq_lens[:, None, None, None])
     dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
     qg = q.view(rows, hkv, 1, h // hkv, d).to(dtype)
     scores = torch.matmul(qg, k.to(dtype)).float() * scale  # [R, Hkv, K, G, block]
     scores = scores.masked_fill(~keep[:, :, :, None], -math.inf)
-    weights = scores.transpose(2, 3).flatten(3).softmax(-1).view_as(scores.transpose(2, 3)).transpose(2, 3)
+    weights = scores.transpose(2, 3).flatten(3).softmax(-1).unflatten(3, scores.shape[2::2]).transpose(2, 3)
     o = torch.matmul(weights.to(dtype), v.to(dtype)).sum(2)  # [R, Hkv, G, D]
     return o.reshape(rows, h, d).to(q.dtype)

@@ -24,16 +24,13 @@ def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> 
     return k[None, :, :seq_len], v[None, :, :seq_len]
 
 
-def page_views(kv_cache: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys ``[num_blocks, Hkv, D, pages_per_block, page_size]``, values ``[num_blocks, Hkv, pages_per_block,
-    page_size, D]``): views of the cache by page of `page_size` positions (a divisor of the block size)."""
+def page_keys(kv_cache: torch.Tensor, page_size: int) -> torch.Tensor:
+    """``[num_blocks, Hkv, D, pages_per_block, page_size]``: a view of the cache's keys by page of `page_size`
+    positions (a divisor of the block size)."""
     num_blocks, hkv, block_size, two_d = kv_cache.shape
-    d, per_block = two_d // 2, block_size // page_size
-    halves = kv_cache.view(num_blocks, hkv, 2, block_size * d)
-    return (halves[:, :, 0].unflatten(-1, (d, per_block, page_size)),
-            halves[:, :, 1].unflatten(-1, (per_block, page_size, d)))
-
-
+    d = two_d // 2
+    keys = kv_cache.view(num_blocks, hkv, 2, block_size * d)[:, :, 0]
+    return keys.unflatten(-1, (d, block_size // page_size, page_size))
 
 
 def read_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor,
