@@ -5,7 +5,9 @@ longer windows at the same token count), ``docs-ppl`` (out-of-domain text: Djang
 and ``multihop`` (retrieval, scored as ``passkey@<length>``; ``passkey:8192`` for one length),
 ``decode-ppl:<prefix>`` (held-out Wikipedia tokens after a `prefix`-token context, fed one by one through the KV
 cache: what a transform of decoding changes), ``answers`` (greedy answers to short factual and instruction
-prompts against the reference's: ``answers-exact`` and ``answers-f1``), ``analogies``,
+prompts against the reference's: ``answers-exact`` and ``answers-f1``), ``first-token-ppl`` (the worst perplexity of
+held-out windows over random first tokens: a model whose attention sink forms for most first tokens but not all
+fails here while its mean perplexity looks fine), ``analogies``,
 ``bigbench:<task>[/<subtask>]``, ``default`` (the default suite), ``long`` (long-context tasks, where sparse
 attention engages), or any lm-eval task or group name where its data is available.
 """
@@ -24,6 +26,7 @@ PERPLEXITY_TASKS = {"wikipedia-ppl": "wikipedia", "news-ppl": "news", "docs-ppl"
 RETRIEVAL_TASKS = ("passkey", "multihop")
 DECODE_TASK, DECODE_TOKENS, DECODE_WINDOWS = "decode-ppl", 128, 2
 ANSWERS_TASK = "answers"
+FIRST_TOKEN_TASK, FIRST_TOKENS, FIRST_TOKEN_WINDOWS, FIRST_TOKEN_SEQ_LEN = "first-token-ppl", 64, 4, 256
 DEFAULT_SUITE = (*PERPLEXITY_TASKS, "passkey", ANSWERS_TASK, *DEFAULT_TASKS)
 LONG_SUITE = ("wikipedia-ppl:4096", "decode-ppl:4096", "passkey:4096", "passkey:8192", "multihop:4096",
               "multihop:8192")
@@ -42,10 +45,10 @@ def local_task(task: str) -> tuple[str, int | None] | None:
     """(kind, length) of a task the suite scores itself (``passkey:4096`` → ("passkey", 4096)); None for the
     tasks lm-eval scores."""
     kind, _, length = task.partition(":")
-    if kind not in (*PERPLEXITY_TASKS, *RETRIEVAL_TASKS, DECODE_TASK, ANSWERS_TASK):
+    if kind not in (*PERPLEXITY_TASKS, *RETRIEVAL_TASKS, DECODE_TASK, ANSWERS_TASK, FIRST_TOKEN_TASK):
         return None
-    if kind == ANSWERS_TASK and length:
-        raise ValueError(f"{task}: the answers task takes no length (use 'answers')")
+    if kind in (ANSWERS_TASK, FIRST_TOKEN_TASK) and length:
+        raise ValueError(f"{task}: the {kind} task takes no length (use '{kind}')")
     if length and not (length.isdigit() and int(length) >= 128):
         raise ValueError(f"{task}: the length after ':' must be a number of tokens, at least 128 (e.g. {kind}:4096)")
     return kind, int(length) if length else None
@@ -79,6 +82,8 @@ def evaluate_model(model, tokenizer, tasks: list[str], limit: int | None = None,
             scores[task] = harness_scores[task]
         elif local[0] in PERPLEXITY_TASKS:
             scores[task] = perplexity_score(model, tokenizer, PERPLEXITY_TASKS[local[0]], limit, local[1])
+        elif local[0] == FIRST_TOKEN_TASK:
+            scores[task] = first_token_score(model, tokenizer, limit)
         elif local[0] == DECODE_TASK:
             scores[task] = decode_perplexity_score(model, tokenizer, local[1] or PPL_SEQ_LEN, limit)
         elif local[0] == ANSWERS_TASK:
@@ -117,6 +122,25 @@ def decode_perplexity_score(model, tokenizer, prefix: int, limit: int | None = N
     nll = decode_nll(model, windows, prefix)
     return Score(math.exp(nll.mean().item()), perplexity_stderr(nll), "ppl", higher_is_better=False,
                  n=len(windows) * DECODE_TOKENS)
+
+
+def first_token_score(model, tokenizer, limit: int | None = None) -> Score:
+    """The worst perplexity over `FIRST_TOKENS` (or `limit`) copies of `FIRST_TOKEN_WINDOWS` evenly spaced held-out
+    Wikipedia windows, each copy's first token replaced by a seeded random one (held-out text cut anywhere starts
+    with any token)."""
+    import torch
+
+    from llmopt.data.corpora import corpus_split
+    from llmopt.data.windows import token_windows
+    from llmopt.eval.perplexity import window_nll
+
+    count = limit or FIRST_TOKENS
+    windows = token_windows(corpus_split("wikipedia", "heldout"), tokenizer, FIRST_TOKEN_SEQ_LEN,
+                            FIRST_TOKEN_WINDOWS, spread=True)
+    copies = windows.repeat(math.ceil(count / len(windows)), 1)[:count].clone()
+    copies[:, 0] = torch.randint(0, model.config.vocab_size, (count,), generator=torch.Generator().manual_seed(0))
+    nll = window_nll(model, copies)
+    return Score(math.exp(nll.max().item()), None, "worst_ppl", higher_is_better=False, n=count)
 
 
 def answer_scores(model, tokenizer, limit: int | None = None,

@@ -155,6 +155,21 @@ def test_greedy_answers_in_padded_batches_equal_one_prompt_at_a_time():
     assert batched == [greedy_answers(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
 
 
+def test_first_token_task_is_the_worst_window_over_random_first_tokens(monkeypatch):
+    text = "".join(chr(32 + i % 90) for i in range(4 * 256))  # exactly the 4 windows (EOS the ragged tail)
+    monkeypatch.setattr("llmopt.data.corpora.corpus_split", lambda corpus, split: [text])
+    model, tokenizer = tiny_model(), CharTokenizer()
+    score = evaluate_model(model, tokenizer, ["first-token-ppl"], limit=6)["first-token-ppl"]
+    windows = torch.tensor(tokenizer(text)["input_ids"]).view(4, 256)
+    copies = windows.repeat(2, 1)[:6]
+    copies[:, 0] = torch.randint(0, TINY["vocab_size"], (6,), generator=torch.Generator().manual_seed(0))
+    per_copy = window_nll(model, copies, progress=False).exp()
+    assert score.n == 6 and not score.higher_is_better
+    assert score.value == pytest.approx(per_copy.max().item()) and per_copy.min() < per_copy.max()
+    with pytest.raises(ValueError, match="takes no length"):
+        local_task("first-token-ppl:512")
+
+
 def test_answers_task_scores_a_variant_against_the_reference_answers(tmp_path):
     tokenizer = CharTokenizer()
     models = {"ref": (tiny_model(), tokenizer), "twin": (tiny_model(), tokenizer),
