@@ -137,7 +137,7 @@ def first_token_score(model, tokenizer, limit: int | None = None) -> Score:
     count = limit or FIRST_TOKENS
     windows = token_windows(corpus_split("wikipedia", "heldout"), tokenizer, FIRST_TOKEN_SEQ_LEN,
                             FIRST_TOKEN_WINDOWS, spread=True)
-    copies = windows.repeat(math.ceil(count / len(windows)), 1)[:count].clone()
+    copies = windows.repeat(math.ceil(count / len(windows)), 1)[:count]
     copies[:, 0] = torch.randint(0, model.config.vocab_size, (count,), generator=torch.Generator().manual_seed(0))
     nll = window_nll(model, copies)
     return Score(math.exp(nll.max().item()), None, "worst_ppl", higher_is_better=False, n=count)
