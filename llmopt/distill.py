@@ -12,20 +12,22 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, ContextManager, Literal
+from typing import Callable, ClassVar, ContextManager
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from llmopt.config import require, require_choice
+from llmopt.precision import PRECISIONS, Precision, resolve_precision, training_autocast
 
 
 @dataclass
 class DistillationConfig:
     """`steps` optimizer steps of `batch_size` windows of `seq_len` tokens, drawn in turn from `tokens` tokens of
     calibration text, stopping early after `minutes` if given (then the result depends on the machine: steps are
-    recorded). ``precision="bfloat16"``: forward and backward under bf16 autocast; weights stay float32.
+    recorded). ``precision``: "bfloat16" runs forward and backward under bf16 autocast (weights stay float32);
+    "auto" (the default) picks it where the device has bf16 arithmetic and float32 elsewhere (`llmopt.precision`).
     ``report_minutes``: elapsed training minutes at which the caller measures the model (a quality-against-budget
     curve from one run; the time spent measuring is not counted)."""
 
@@ -36,7 +38,7 @@ class DistillationConfig:
     seq_len: int = 256
     batch_size: int = 4
     warmup_steps: int = 10
-    precision: Literal["bfloat16", "float32"] = "bfloat16"
+    precision: Precision = "auto"
     report_minutes: list[float] = field(default_factory=list)
 
     section: ClassVar[str] = "distillation"  # the name errors use; subclasses set their own
@@ -51,7 +53,7 @@ class DistillationConfig:
         require(self.tokens >= self.seq_len * self.batch_size,
                 f"{where}.tokens ({self.tokens}) must hold at least one batch ({self.batch_size} × {self.seq_len})")
         require(self.warmup_steps >= 0, f"{where}.warmup_steps must be non-negative, got {self.warmup_steps}")
-        require_choice(where, "precision", self.precision, ("bfloat16", "float32"))
+        require_choice(where, "precision", self.precision, PRECISIONS)
         require(all(m > 0 for m in self.report_minutes) and self.report_minutes == sorted(self.report_minutes),
                 f"{where}.report_minutes must be positive and ascending, got {self.report_minutes}")
 
@@ -103,14 +105,15 @@ def distill(model: nn.Module, params: list[nn.Parameter] | list[dict], teacher: 
     `loss(model, student_logits, teacher_logits)` defaults to the KL divergence; a transform adds its own terms
     (e.g. a sparsity penalty) by reading its modules' state. `checkpoint(minutes)` is called, the model in eval
     mode and the clock stopped, as training time passes each of `config.report_minutes`. Returns ``{"steps",
-    "tokens", "seconds", "curve", "minute_steps"}`` (the step count at each reported minute).
+    "tokens", "precision", "seconds", "curve", "minute_steps"}`` (the step count at each reported minute).
     """
     loss = loss or (lambda _model, student, target: kl_divergence(student, target))
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
     trained = [p for group in groups for p in group["params"]]
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16")
+    precision = resolve_precision(config.precision, device)
+    autocast = training_autocast(precision, device)
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
     budget = None if config.minutes is None else config.minutes * 60
     curve: list[float] = []
@@ -145,7 +148,7 @@ def distill(model: nn.Module, params: list[nn.Parameter] | list[dict], teacher: 
                 bar.set_postfix(loss=f"{value.item():.4f}")
     finally:
         model.train(was_training)
-    return {"steps": len(curve), "tokens": len(curve) * config.batch_size * windows.shape[1],
+    return {"steps": len(curve), "tokens": len(curve) * config.batch_size * windows.shape[1], "precision": precision,
             "seconds": round(time.perf_counter() - started - paused, 1), "curve": curve, "minute_steps": minute_steps}
 
 

@@ -10,6 +10,7 @@ from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
 from llmopt import HealingConfig, KVCompressionConfig, LayerHealingConfig, OptimizationConfig, patch_model, save_optimized
+from llmopt import precision
 from llmopt.arch.adapter import ADAPTERS, ArchAdapter, UnsupportedModelError
 from llmopt.config import ConfigError
 from llmopt.patch import diagnostics
@@ -100,6 +101,19 @@ def test_healing_lowers_the_distillation_loss(token_windows_tiny):
     assert len(curve) == 30 and healing["steps"] == 30 and healing["tokens"] == 30 * 4 * 64  # windows given as tensors keep their length
     assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5, curve
     assert all(p.requires_grad for p in model.parameters())  # nothing left frozen
+
+
+@pytest.mark.parametrize("native, computed", [(False, torch.float32), (True, torch.bfloat16)])
+def test_auto_precision_trains_in_bf16_only_where_the_device_has_bf16_units(monkeypatch, token_windows_tiny,
+                                                                             native, computed):
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: native)
+    model, seen = tiny_model(), []
+    model.register_forward_hook(lambda module, args, output: seen.append(output.logits.dtype))
+    healing = HealingConfig(steps=2, seq_len=32, batch_size=4, tokens=512, warmup_steps=1)
+    patch_model(model, KVCompressionConfig(num_kv_heads=1, method="mean-pool", healing=healing),
+                calibration=token_windows_tiny)
+    assert diagnostics(model)["kv"]["healing"]["precision"] == str(computed).removeprefix("torch.")
+    assert set(seen) == {computed}  # teacher and student, both steps
 
 
 def test_a_step_budget_reproduces_the_same_healed_model(token_windows_tiny):

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from llmopt.config import ConfigError, require, require_choice
 from llmopt.distill import DistillationConfig
+from llmopt.precision import PRECISIONS, Precision
 
 METHODS = ("calibrated", "mean-pool", "svd-w", "keep-one")
 
@@ -31,12 +32,12 @@ class LayerHealingConfig:
 
     epochs: int = 2
     learning_rate: float = 2e-4
-    precision: Literal["bfloat16", "float32"] = "bfloat16"
+    precision: Precision = "auto"
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, f"layer_healing.epochs must be at least 1, got {self.epochs}")
         require(self.learning_rate > 0, f"layer_healing.learning_rate must be positive, got {self.learning_rate}")
-        require_choice("layer_healing", "precision", self.precision, ("bfloat16", "float32"))
+        require_choice("layer_healing", "precision", self.precision, PRECISIONS)
 
 
 @dataclass

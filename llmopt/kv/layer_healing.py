@@ -16,6 +16,7 @@ from llmopt.distill import cosine_decay, only_trainable
 from llmopt.hooks import LayerInput, layer_output
 from llmopt.kv.config import LayerHealingConfig
 from llmopt.kv.heal import attention_parameters
+from llmopt.precision import resolve_precision, training_autocast
 
 
 def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,7 @@ def heal_layer(layer: nn.Module, adapter: ArchAdapter, inputs: list[LayerInput],
     params = attention_parameters([layer.get_submodule(adapter.attention)], adapter, "attention")
     optimizer = torch.optim.Adam(params, lr=config.learning_rate, betas=(0.9, 0.95))
     device = params[0].device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16")
+    autocast = training_autocast(resolve_precision(config.precision, device), device)
     steps, passes = config.epochs * len(inputs), []
     with torch.enable_grad(), only_trainable(layer, params):
         for step in range(steps):

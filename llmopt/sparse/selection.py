@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmopt.precision import native_bfloat16
 from llmopt.sparse.config import SparseAttentionConfig
 
 ESTIMATE_BUDGET = 1 << 20  # score elements per chunk of query blocks while estimating (4 MiB: stays in cache)
@@ -75,12 +76,13 @@ def estimate_block_attention(q: torch.Tensor, k: torch.Tensor, block_size: int, 
     stride = bs // min(rows, bs)
     kb, qb = math.ceil(lk / bs), math.ceil(lq / bs)
     scale = d ** -0.5 if scale is None else scale
-    # bf16 scores: half of fp32's time on CPUs with bf16 units, far finer than the sampling error; keys laid out
-    # [D, Kb·bs] so that every chunk's matmul reads them in place
-    keys = F.pad(k, (0, 0, 0, kb * bs - lk)).to(torch.bfloat16).transpose(-1, -2).contiguous()
+    # bf16 scores where the device has bf16 units (half of fp32's time on such CPUs, far finer than the sampling
+    # error); keys laid out [D, Kb·bs] so that every chunk's matmul reads them in place
+    dtype = torch.bfloat16 if native_bfloat16(q.device) else torch.float32
+    keys = F.pad(k, (0, 0, 0, kb * bs - lk)).to(dtype).transpose(-1, -2).contiguous()
     # the last block's rows past Lq are the last query, so every sampled row is a real query
     sampled = torch.arange(stride - 1, qb * bs, stride, device=q.device).clamp(max=lq - 1)
-    sampled = (q.index_select(2, sampled).float() * scale).to(torch.bfloat16).view(b, hkv, h // hkv, -1, d)
+    sampled = (q.index_select(2, sampled).float() * scale).to(dtype).view(b, hkv, h // hkv, -1, d)
     positions = query_positions(lq, lk, bs, q.device)[:, stride - 1::stride].clamp(max=lk - 1)  # [Qb, rows]
     per_block = positions.shape[1]
     chunk = max(MIN_CHUNK, ESTIMATE_BUDGET // (h * per_block * kb * bs))
