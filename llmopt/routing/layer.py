@@ -64,12 +64,16 @@ class RoutedLlamaDecoderLayer(LlamaDecoderLayer):
                   attention_mask: torch.Tensor | None, past_key_values,
                   position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``hidden [b, s, H]`` → the block's output, running queries, o_proj and MLP for ``keep [b, s]`` only
-        (and the skip adapter for the others)."""
+        (and the skip adapter for the others). Tokens move by row index over the flattened ``[b·s, H]`` states:
+        `index_select` and `index_copy_`, several times cheaper on CPU than gathers with expanded indices."""
         router, attention = self._token_router, self.self_attn
+        batch, length, size = hidden.shape
         output = hidden.clone()
+        flat_output = output.view(batch * length, size)
         if router.adapts:
-            output[~keep] += router.skip_update(self.layer_index, normed[~keep])
-        batch, length, _ = hidden.shape
+            skipped = (~keep).flatten().nonzero()[:, 0]
+            skipping = normed.reshape(batch * length, size).index_select(0, skipped)
+            flat_output.index_add_(0, skipped, router.skip_update(self.layer_index, skipping))
         head_dim = attention.head_dim
         cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
         keys = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
@@ -85,10 +89,13 @@ class RoutedLlamaDecoderLayer(LlamaDecoderLayer):
         # per row, the kept tokens first (in order), padded with skipped ones that are computed and dropped
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
         valid = torch.arange(width, device=hidden.device)[None] < counts[:, None]
-        pick = order[..., None].expand(-1, -1, hidden.shape[-1])
-        queries = attention.q_proj(normed.gather(1, pick)).view(batch, width, -1, head_dim).transpose(1, 2)
-        cos_q = cos.gather(1, order[..., None].expand(-1, -1, head_dim))[:, None]
-        sin_q = sin.gather(1, order[..., None].expand(-1, -1, head_dim))[:, None]
+        flat = (order + length * torch.arange(batch, device=hidden.device)[:, None]).flatten()  # rows of [b·s]
+
+        def picked(states: torch.Tensor) -> torch.Tensor:
+            return states.reshape(batch * length, -1).index_select(0, flat).view(batch, width, -1)
+
+        queries = attention.q_proj(picked(normed)).view(batch, width, -1, head_dim).transpose(1, 2)
+        cos_q, sin_q = picked(cos)[:, None], picked(sin)[:, None]
         queries = queries * cos_q + rotate_half(queries) * sin_q
         mask = query_mask(attention_mask, order, keys.shape[2], length)
         if router.feature_set == "ftp":
@@ -97,13 +104,12 @@ class RoutedLlamaDecoderLayer(LlamaDecoderLayer):
         else:
             out = causal_chunked_attention(queries, keys, values, mask, order + (keys.shape[2] - length),
                                            attention.scaling)
-        out = out.transpose(1, 2).reshape(batch, width, -1)[valid]
-        rows = torch.arange(batch, device=hidden.device)[:, None].expand(-1, width)[valid]
-        tokens = order[valid]
-        residual = hidden[rows, tokens]
-        kept = residual + attention.o_proj(out)
+        real = valid.flatten().nonzero()[:, 0]  # rows of the [b·w] layout that hold kept tokens
+        out = out.transpose(1, 2).reshape(batch * width, -1).index_select(0, real)
+        tokens = flat[real]
+        kept = hidden.reshape(batch * length, size).index_select(0, tokens) + attention.o_proj(out)
         kept = kept + self.mlp(self.post_attention_layernorm(kept))
-        output[rows, tokens] = kept
+        flat_output.index_copy_(0, tokens, kept)
         return output
 
 
