@@ -193,6 +193,23 @@ def test_serve_refuses_before_starting_vllm(tmp_path, capsys, monkeypatch):
     assert "vLLM is not installed in this environment" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("native, dtype", [(False, "float32"), (True, "auto")])
+def test_serve_on_a_cpu_without_bf16_units_asks_vllm_for_float32(tmp_path, monkeypatch, native, dtype):
+    pytest.importorskip("vllm")
+    from llmopt import precision
+    from llmopt.vllm_plugin import settings
+
+    monkeypatch.setattr(settings, "cpu_build", lambda: True)
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: native)
+    started = []
+    monkeypatch.setattr(os, "execve", lambda path, command, env: started.append(command))
+    plain = write_config(tmp_path / "plain", {"architectures": ["LlamaForCausalLM"]})
+    assert main(["serve", str(plain)]) == 0
+    assert started[0][started[0].index("--dtype") + 1] == dtype
+    assert main(["serve", str(plain), "--dtype", "bfloat16"]) == 0  # the user's choice wins
+    assert started[1][started[1].index("--dtype") + 1] == "bfloat16"
+
+
 def test_cpu_defaults_size_the_kv_cache_and_keep_what_the_user_set():
     pytest.importorskip("vllm")
     from llmopt.vllm_plugin.settings import cpu_defaults
