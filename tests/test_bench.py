@@ -181,6 +181,41 @@ def test_vllm_sections_on_made_up_measurements(tmp_path):
     assert {s.plot for s in speed.series + serve.series} == {"throughput_vs_concurrency", "speed_vs_context"}
 
 
+
+def test_vllm_in_float32_doubles_the_bytes_and_leaves_the_gpu_prediction_in_bf16(tmp_path, monkeypatch):
+    """Where vLLM runs in float32 (a CPU without bf16 units), the engines are asked for it, the KV budget and the
+    costs count 4 bytes a value, and the GPU prediction (bf16 there) comes out as from bf16 measurements."""
+    from llmopt import KVCompressionConfig, OptimizationConfig, patch_model, save_optimized
+    from llmopt.bench import decode, vllm_runs
+    from llmopt.bench.runner import Bench
+    from llmopt.bench.settings import QUICK
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "tiny")
+    patch_model(model, OptimizationConfig(kv=KVCompressionConfig(num_kv_heads=1, method="mean-pool")))
+    save_optimized(model, tmp_path / "tiny-kv")
+    jobs = []
+
+    def engine(job, _log):
+        jobs.append(job)
+        made_up = _engine_results(512 if Path(job["model"]).name == "tiny" else 2048, 0.02)
+        return {**made_up["capacity"], "tasks": made_up["decode"] + made_up["serving"]["tasks"]}
+
+    monkeypatch.setattr(vllm_runs, "run_engine", engine)
+    benches = {dtype: Bench(str(tmp_path / "tiny"), tmp_path / "kv.yaml", QUICK, tmp_path / dtype,
+                            optimized_dir=tmp_path / "tiny-kv", vllm_dtype=dtype) for dtype in ("bfloat16", "float32")}
+    sections = {dtype: decode.run(bench) for dtype, bench in benches.items()}
+    assert [job["dtype"] for job in jobs] == ["bfloat16"] * 2 + ["float32"] * 2
+    assert jobs[2]["kv_cache_bytes"] == 2 * jobs[0]["kv_cache_bytes"]
+    costs = {dtype: bench.cost(tmp_path / "tiny") for dtype, bench in benches.items()}
+    assert costs["float32"].kv_bytes_per_token == 2 * costs["bfloat16"].kv_bytes_per_token
+    assert costs["float32"].weight_bytes == 2 * costs["bfloat16"].weight_bytes
+    assert [row.predicted for row in sections["float32"].rows] == pytest.approx(
+        [row.predicted for row in sections["bfloat16"].rows])
+    gpu = {dtype: decode.gpu_step_model(bench) for dtype, bench in benches.items()}
+    step = {dtype: cost.decode(8, 2048) for dtype, cost in costs.items()}
+    assert gpu["float32"].seconds(step["float32"]) == pytest.approx(gpu["bfloat16"].seconds(step["bfloat16"]))
+
 def test_routing_section_times_a_routed_checkpoint(tmp_path, monkeypatch):
     import torch
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from llmopt.bench.bounds import ModelCost, StepCost, checkpoint_cost, compute_bound, memory_bound
+from llmopt.bench.bounds import ModelCost, StepCost, compute_bound, memory_bound
 from llmopt.bench.results import Row, SectionResult, Series
 from llmopt.bench.step_model import StepModel
 from llmopt.bench.timing import Spread, ratio
@@ -26,7 +26,7 @@ def decode_step(cost: ModelCost, task: dict) -> StepCost:
 
 
 def costs(bench) -> dict[str, ModelCost]:
-    return {"original": checkpoint_cost(bench.original()), "optimized": checkpoint_cost(bench.optimized())}
+    return {"original": bench.cost(bench.original()), "optimized": bench.cost(bench.optimized())}
 
 
 def fitted_step_model(bench) -> StepModel:
@@ -42,13 +42,19 @@ def fitted_step_model(bench) -> StepModel:
     return bench.shared["step_model"]
 
 
+def gpu_step_model(bench) -> StepModel:
+    """The fitted model at the GPU's FLOPs per byte, the GPU running bf16: where vLLM runs in float32 here, each
+    byte counted moves as half a byte there."""
+    return fitted_step_model(bench).on_machine(GPU[1] * 2 / bench.bytes_per_value)
+
+
 def predicted_ratio(model: StepModel, original: StepCost, optimized: StepCost) -> float:
     return model.seconds(original) / model.seconds(optimized)
 
 
 def run(bench) -> SectionResult:
     measured, cost, model = vllm_measurements(bench), costs(bench), fitted_step_model(bench)
-    gpu = model.on_machine(GPU[1])
+    gpu = gpu_step_model(bench)
     result = SectionResult("decode", "vLLM decode throughput, original vs KV-compressed")
     throughput: dict[str, list[tuple[dict, list[float]]]] = {role: [] for role in ROLES}
     gaps, on_gpu = [], []

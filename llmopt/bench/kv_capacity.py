@@ -3,7 +3,6 @@ same KV space, original vs KV-compressed; the capacity ratio must match the KV-h
 
 from __future__ import annotations
 
-from llmopt.bench.bounds import checkpoint_cost
 from llmopt.bench.report import size
 from llmopt.bench.results import Row, SectionResult
 from llmopt.bench.vllm_runs import vllm_measurements
@@ -23,7 +22,7 @@ def head_ratio(bench) -> float:
 
 def run(bench) -> SectionResult:
     measured = vllm_measurements(bench)
-    costs = [checkpoint_cost(bench.original()), checkpoint_cost(bench.optimized())]
+    costs = [bench.cost(bench.original()), bench.cost(bench.optimized())]
     heads = head_ratio(bench)
     original, optimized = (measured[role]["capacity"] for role in ("original", "optimized"))
     capacity = optimized["tokens"] / original["tokens"]
@@ -31,8 +30,9 @@ def run(bench) -> SectionResult:
     space = size(original["kv_bytes"])
     result = SectionResult("kv-capacity", "KV cache: bytes per token and vLLM capacity")
     result.rows += [
-        Row("KV bytes per token, bf16 (config)", "bytes", costs[0].kv_bytes_per_token, costs[1].kv_bytes_per_token,
-            costs[0].kv_bytes_per_token / costs[1].kv_bytes_per_token, bound=f"head ratio {heads:g}×"),
+        Row(f"KV bytes per token, {bench.vllm_dtype} (config)", "bytes", costs[0].kv_bytes_per_token,
+            costs[1].kv_bytes_per_token, costs[0].kv_bytes_per_token / costs[1].kv_bytes_per_token,
+            bound=f"head ratio {heads:g}×"),
         Row(f"vLLM KV capacity in {space}", "tokens", original["tokens"], optimized["tokens"], capacity,
             bound=f"head ratio {heads:g}×",
             check=f"{'✓' if within else '✗'} within {TOLERANCE:.0%} of {heads:g}× ({capacity / heads - 1:+.1%})"),
@@ -40,7 +40,7 @@ def run(bench) -> SectionResult:
     result.notes += [
         (f"Capacity = KV blocks × block size as the engine allocated them ({original['num_blocks']:,} vs "
         f"{optimized['num_blocks']:,} blocks of {original['block_size']}) in the same {space} "
-        f"({original['kv_bytes']:,} bytes) of bf16 KV cache."),
+        f"({original['kv_bytes']:,} bytes) of {bench.vllm_dtype} KV cache."),
         (f"Bytes per token the engine achieved: {original['kv_bytes'] / original['tokens']:,.0f} vs "
         f"{optimized['kv_bytes'] / optimized['tokens']:,.0f} (config: {costs[0].kv_bytes_per_token:,} vs "
         f"{costs[1].kv_bytes_per_token:,}; whole blocks round the engine's figure)."),

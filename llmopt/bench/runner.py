@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from llmopt.bench.bounds import ModelCost, checkpoint_cost
 from llmopt.bench.compressed import cached_optimized
 from llmopt.bench.environment import command_line, machine, versions
 from llmopt.bench.report import table, write_report
 from llmopt.bench.results import SectionResult
 from llmopt.bench.sections import NAMES, SECTIONS
 from llmopt.bench.settings import FULL, QUICK, Settings
+from llmopt.vllm_plugin.settings import cpu_build, fastest_dtype
 
 # A 1-minute load average above this share of the cores means other processes were running during the bench.
 SHARED_LOAD = 0.5
@@ -30,8 +32,8 @@ def default_recipe_dir() -> Path:
 @dataclass
 class Bench:
     """What sections share: the model, the optimized model (given, or built from `recipe` on first use), the
-    settings, the work folder, the names of the sections that run, and measurements one section makes for the
-    next (`shared`)."""
+    settings, the work folder, the names of the sections that run, the dtype vLLM runs in, and measurements one
+    section makes for the next (`shared`)."""
 
     model: str
     recipe: Path
@@ -39,6 +41,7 @@ class Bench:
     work: Path
     sections: tuple[str, ...] = NAMES
     optimized_dir: Path | None = None
+    vllm_dtype: str = "bfloat16"
     calibration_seconds: dict[str, float] = field(default_factory=dict)
     shared: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
@@ -65,6 +68,15 @@ class Bench:
                 self.calibration_seconds[self.recipe.stem] = seconds
         return self.optimized_dir
 
+    @property
+    def bytes_per_value(self) -> int:
+        """Bytes of a weight or a cached K/V value as vLLM runs the models."""
+        return 4 if self.vllm_dtype == "float32" else 2
+
+    def cost(self, directory: Path) -> ModelCost:
+        """The per-token costs of a checkpoint as vLLM runs it: weights and KV cache in `vllm_dtype`."""
+        return checkpoint_cost(directory, self.bytes_per_value)
+
     def progress(self, message: str) -> None:
         print(f"[bench {time.perf_counter() - self.started:5.0f} s] {message}", file=sys.stderr, flush=True)
 
@@ -85,10 +97,11 @@ def run_bench(model: str, out: Path, *, recipe: Path, optimized: Path | None = N
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     settings = QUICK if quick else FULL
     chosen = [s for s in SECTIONS if sections is None or s.name in sections]
-    bench = Bench(model, recipe, settings, work, tuple(s.name for s in chosen), optimized)
+    bench = Bench(model, recipe, settings, work, tuple(s.name for s in chosen), optimized,
+                  vllm_dtype=fastest_dtype(cpu_build()))
     header = {"command": command_line(argv), "quick": quick, "started": datetime.now(timezone.utc).isoformat(
         timespec="seconds"), "machine": machine(), "versions": versions(), "model": model, "recipe": str(recipe),
-        "settings": vars(settings)}
+        "settings": vars(settings), "vllm_dtype": bench.vllm_dtype}
     results = []
     try:
         for index, section in enumerate(chosen, 1):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from llmopt.bench.bounds import ModelCost
-from llmopt.bench.decode import GPU, costs, fitted_step_model
+from llmopt.bench.decode import GPU, costs, fitted_step_model, gpu_step_model
 from llmopt.bench.results import Row, SectionResult, Series
 from llmopt.bench.step_model import StepModel
 from llmopt.bench.timing import Spread, ratio
@@ -37,7 +37,7 @@ def predicted_seconds(model: StepModel, cost: ModelCost, task: dict, batch: int)
 
 def run(bench) -> SectionResult:
     measured, cost, model = vllm_measurements(bench), costs(bench), fitted_step_model(bench)
-    gpu = model.on_machine(GPU[1])
+    gpu = gpu_step_model(bench)
     result = SectionResult("serving", "Serving at a fixed KV cache budget")
     budget = measured["original"]["serving"]["kv_bytes"]
     points: dict[str, list[tuple[int, float]]] = {role: [] for role in ROLES}
@@ -81,8 +81,8 @@ def run(bench) -> SectionResult:
     for role in ROLES:
         result.series.append(Series("throughput_vs_concurrency", f"vLLM serving, {role} (fixed KV budget)",
                                     [x for x, _ in points[role]], [y for _, y in points[role]]))
-    result.notes.append(f"Fixed KV budget: {budget:,} bytes ({budget / 2**20:.1f} MiB) of bf16 KV cache for both "
-                        f"models; capacity {measured['original']['serving']['tokens']:,} vs "
+    result.notes.append(f"Fixed KV budget: {budget:,} bytes ({budget / 2**20:.1f} MiB) of {bench.vllm_dtype} KV "
+                        f"cache for both models; capacity {measured['original']['serving']['tokens']:,} vs "
                         f"{measured['optimized']['serving']['tokens']:,} tokens. All requests are submitted at "
                         "once (offline throughput); ranges pair the extreme repeats.")
     result.raw = {"kv_budget_bytes": budget, "vllm": {role: measured[role]["serving"] for role in ROLES}}

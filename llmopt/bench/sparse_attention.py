@@ -149,7 +149,7 @@ def vllm_decode_row(bench, config) -> Row:
             "warmup": bench.settings.warmup, "repeats": bench.settings.repeats}
     steps = {}
     for name, directory in (("original", bench.original()), ("sparse", checkpoint(bench, RECIPES["sparse"]))):
-        job = {"model": str(directory), "dtype": "bfloat16", "max_num_seqs": batch,
+        job = {"model": str(directory), "dtype": bench.vllm_dtype, "max_num_seqs": batch,
                "max_model_len": prompt + task["output"], "kv_space_gib": 2, "tasks": [task]}
         steps[name] = [1 / s for s in step_seconds(run_engine(job, bench.log)["tasks"][0])]
     pages = -(-(prompt + task["output"] // 2) // config.block_size)

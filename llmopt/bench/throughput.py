@@ -44,7 +44,7 @@ def run(bench) -> SectionResult:
         tasks = [{"kind": "text", "requests": n, "prompt": p, "output": o, "repeats": settings.repeats}
                  for n, p, o in settings.throughput_loads]
         bench.progress(f"vLLM throughput: {name} ({len(tasks)} loads)")
-        job = {"model": str(directory), "dtype": "bfloat16", "max_num_seqs": settings.max_num_seqs,
+        job = {"model": str(directory), "dtype": bench.vllm_dtype, "max_num_seqs": settings.max_num_seqs,
                "max_model_len": max(p + o for _, p, o in settings.throughput_loads), "kv_space_gib": 2,
                "tasks": tasks}
         measured[name] = {(t["requests"], t["prompt"], t["output"]): t for t in run_engine(job, bench.log)["tasks"]}
@@ -59,8 +59,8 @@ def run(bench) -> SectionResult:
                                        Spread.of([amount / s for s in seconds]), ratio(base["seconds"], seconds)))
     skipped = {load: task["skipped_share"] for load, task in measured["routing"].items() if "skipped_share" in task}
     result.notes += [
-        ("bf16, eager, chunked prefill on, prefix caching off, 2 GiB of KV space; every request generates exactly "
-         "its output length. Ratio > 1: the checkpoint is faster."),
+        (f"{bench.vllm_dtype}, eager, chunked prefill on, prefix caching off, 2 GiB of KV space; every request "
+         "generates exactly its output length. Ratio > 1: the checkpoint is faster."),
         ("Routing skips queries, attention, o_proj and MLP of the skipped tokens (they still write K/V); sparse "
          "attention engages on prompts of at least its min_seq_len tokens only; KV compression shrinks the cache, "
          "which pays where the KV cache limits the batch (see the serving section)."),

@@ -5,7 +5,7 @@ model is fitted on the decode measurements)."""
 
 from __future__ import annotations
 
-from llmopt.bench.bounds import ModelCost, checkpoint_cost
+from llmopt.bench.bounds import ModelCost
 from llmopt.bench.vllm_engine import run_engine
 
 ROLES = ("original", "optimized")
@@ -28,7 +28,7 @@ def vllm_measurements(bench) -> dict[str, dict]:
     if "vllm" in bench.shared:
         return bench.shared["vllm"]
     settings = bench.settings
-    budget = serving_budget(checkpoint_cost(bench.original()), settings)
+    budget = serving_budget(bench.cost(bench.original()), settings)
     decode = [{"kind": "decode", "batch": b, "prompt": p, "output": settings.decode_tokens,
                "warmup": settings.warmup, "repeats": settings.repeats} for b, p in settings.decode_loads
               if {"decode", "serving"} & set(bench.sections)]
@@ -36,7 +36,7 @@ def vllm_measurements(bench) -> dict[str, dict]:
              for n, p, o in settings.serving_loads if "serving" in bench.sections]
     measured = {}
     for role, directory in zip(ROLES, (bench.original(), bench.optimized()), strict=True):
-        base = {"model": str(directory), "dtype": "bfloat16", "max_model_len": settings.max_model_len,
+        base = {"model": str(directory), "dtype": bench.vllm_dtype, "max_model_len": settings.max_model_len,
                 "max_num_seqs": settings.max_num_seqs}
         if settings.capacity_gib is None:
             bench.progress(f"vLLM, {role} model: engine at a {budget / 2**20:.1f} MiB KV budget "
