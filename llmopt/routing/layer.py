@@ -44,6 +44,9 @@ class RoutedLlamaDecoderLayer(LlamaDecoderLayer):
             if self.training:
                 output = self._gated(hidden_states, normed, keep, gate, attention_mask, position_ids,
                                      past_key_values, use_cache, position_embeddings, **kwargs)
+            elif router.feature_set != "ftp" and bool(keep.all()):  # e.g. a decode step whose tokens all run
+                output = super().forward(hidden_states, attention_mask, position_ids, past_key_values, use_cache,
+                                         position_embeddings, **kwargs)
             else:
                 output = self._gathered(hidden_states, normed, keep, attention_mask, past_key_values,
                                         position_embeddings)
