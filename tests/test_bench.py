@@ -181,7 +181,6 @@ def test_vllm_sections_on_made_up_measurements(tmp_path):
     assert {s.plot for s in speed.series + serve.series} == {"throughput_vs_concurrency", "speed_vs_context"}
 
 
-
 def test_vllm_in_float32_doubles_the_bytes_and_leaves_the_gpu_prediction_in_bf16(tmp_path, monkeypatch):
     """Where vLLM runs in float32 (a CPU without bf16 units), the engines are asked for it, the KV budget and the
     costs count 4 bytes a value, and the GPU prediction (bf16 there) comes out as from bf16 measurements."""
@@ -215,6 +214,7 @@ def test_vllm_in_float32_doubles_the_bytes_and_leaves_the_gpu_prediction_in_bf16
     gpu = {dtype: decode.gpu_step_model(bench) for dtype, bench in benches.items()}
     step = {dtype: cost.decode(8, 2048) for dtype, cost in costs.items()}
     assert gpu["float32"].seconds(step["float32"]) == pytest.approx(gpu["bfloat16"].seconds(step["bfloat16"]))
+
 
 def test_routing_section_times_a_routed_checkpoint(tmp_path, monkeypatch):
     import torch

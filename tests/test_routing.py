@@ -67,7 +67,6 @@ def test_keeping_every_token_gives_the_original_logits(token_windows_tiny):
         torch.testing.assert_close(logits(model, ids), logits(tiny_model(), ids), rtol=0, atol=0)
 
 
-
 def test_a_step_whose_tokens_all_run_takes_the_stock_layer(token_windows_tiny, monkeypatch):
     """Where every token of a step runs a routed block (a decode step that keeps its token), the block is the stock
     layer: no gathers, and the original's logits exactly."""
@@ -82,6 +81,7 @@ def test_a_step_whose_tokens_all_run_takes_the_stock_layer(token_windows_tiny, m
     with router.recording() as records:
         torch.testing.assert_close(logits(model, ids), logits(tiny_model(), ids), rtol=0, atol=0)
     assert {record.index for record in records} == {1, 2} and all(record.keep.all() for record in records)
+
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "left-padded"])
