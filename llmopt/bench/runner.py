@@ -18,6 +18,7 @@ from llmopt.bench.report import table, write_report
 from llmopt.bench.results import SectionResult
 from llmopt.bench.sections import NAMES, SECTIONS
 from llmopt.bench.settings import FULL, QUICK, Settings
+from llmopt.summary import KV_DTYPES
 from llmopt.vllm_plugin.settings import cpu_build, fastest_dtype
 
 # A 1-minute load average above this share of the cores means other processes were running during the bench.
@@ -71,7 +72,7 @@ class Bench:
     @property
     def bytes_per_value(self) -> int:
         """Bytes of a weight or a cached K/V value as vLLM runs the models."""
-        return 4 if self.vllm_dtype == "float32" else 2
+        return KV_DTYPES[self.vllm_dtype]
 
     def cost(self, directory: Path) -> ModelCost:
         """The per-token costs of a checkpoint as vLLM runs it: weights and KV cache in `vllm_dtype`."""

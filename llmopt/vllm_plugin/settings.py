@@ -23,8 +23,8 @@ def cpu_build() -> bool:
 
 def fastest_dtype(cpu: bool) -> str:
     """The dtype vLLM runs fastest in on this machine: float32 for a CPU build on a CPU without bf16 units
-    (AVX512-BF16 or AMX), where vLLM's bf16 decode ran 4.1× slower than float32 (an AVX2 EPYC); bfloat16
-    elsewhere."""
+    (AVX512-BF16 or AMX), where vLLM's bf16 took 4.1× as long as float32 (8 requests of 256 + 64 tokens, offline,
+    an AVX2 EPYC); bfloat16 elsewhere."""
     import torch
 
     from llmopt.precision import native_bfloat16
