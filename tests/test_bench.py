@@ -16,7 +16,7 @@ from llmopt.bench.report import markdown, table, write_report
 from llmopt.bench.results import Row, SectionResult, Series
 from llmopt.bench.runner import run_bench, shared_machine
 from llmopt.bench.sections import Section
-from llmopt.bench.serving import concurrency, predicted_seconds
+from llmopt.bench.serving import concurrency, predicted_seconds, serving_check
 from llmopt.bench.step_model import StepModel
 from llmopt.bench.timing import Spread, ratio, timed_rounds
 
@@ -92,6 +92,13 @@ def test_serving_concurrency_and_schedule():
     model = StepModel(1.0, 0.0, 0.0)  # one second per step, whatever it holds
     assert predicted_seconds(model, ORIGINAL, task, batch=3) == 4 * 20  # 4 waves: 1 prefill + 19 decode steps
     assert predicted_seconds(model, ORIGINAL, task, batch=10) == 20
+
+
+def test_serving_check_asks_for_2x_only_where_the_model_predicts_it():
+    assert serving_check(1.81, 1.79).startswith("✓") and "≥ 2×" not in serving_check(1.81, 1.79)
+    assert serving_check(2.2, 2.4).startswith("✓") and "memory-bound" in serving_check(2.2, 2.4)
+    assert serving_check(1.95, 2.1).startswith("✗")  # within 15% of the model, but under 2× where it predicts more
+    assert serving_check(1.2, 1.79).startswith("✗ within 15% of the model (-33%)")
 
 
 def test_a_section_whose_transform_is_missing_says_so():

@@ -35,6 +35,19 @@ def predicted_seconds(model: StepModel, cost: ModelCost, task: dict, batch: int)
     return seconds
 
 
+def serving_check(measured: float, predicted: float) -> str:
+    """Measured within `TOLERANCE` of the step model's prediction, and ≥ 2× wherever the model predicts the
+    memory-bound regime: a step time that grows so much slower than its batch that the compressed model's larger
+    concurrency buys at least 2× (memory traffic dominating the original's step is not enough: the compressed
+    model's step, at 3× the sequences, may already be arithmetic-bound, and a last partial wave leaves slots
+    idle, both of which the model counts)."""
+    within = abs(measured / predicted - 1) <= TOLERANCE
+    memory_bound = predicted >= 2
+    passed = within and (measured >= 2 or not memory_bound)
+    return (f"{'✓' if passed else '✗'} within {TOLERANCE:.0%} of the model ({measured / predicted - 1:+.0%})"
+            + (", ≥ 2× (the model predicts the memory-bound regime)" if memory_bound else ""))
+
+
 def run(bench) -> SectionResult:
     measured, cost, model = vllm_measurements(bench), costs(bench), fitted_step_model(bench)
     gpu = gpu_step_model(bench)
@@ -50,12 +63,9 @@ def run(bench) -> SectionResult:
         predicted = {name: predicted_seconds(m, cost["original"], original, batch["original"])
                      / predicted_seconds(m, cost["optimized"], original, batch["optimized"])
                      for name, m in (("here", model), ("gpu", gpu))}
-        step = cost["original"].decode(batch["original"], original["prompt"] + original["output"] // 2)
-        memory_share = {name: step.bytes * m.seconds_per_byte / m.seconds(step) for name, m in (("here", model),
-                                                                                              ("gpu", gpu))}
-        within = abs(speedup.median / predicted["here"] - 1) <= TOLERANCE
-        memory_bound_here = memory_share["here"] > 0.5
-        passed = within and (speedup.median >= 2 or not memory_bound_here)
+        steps = {role: cost[role].decode(batch[role], original["prompt"] + original["output"] // 2) for role in ROLES}
+        memory_share = {(role, name): step.bytes * m.seconds_per_byte / m.seconds(step)
+                        for role, step in steps.items() for name, m in (("here", model), ("gpu", gpu))}
         load = f"{original['requests']} × {original['prompt']}+{original['output']} tokens"
         rates = {role: [original["requests"] / s for s in seconds[role]] for role in ROLES}
         tokens = {role: [original["requests"] * original["output"] / s for s in seconds[role]] for role in ROLES}
@@ -63,9 +73,7 @@ def run(bench) -> SectionResult:
             Row(f"requests/s, {load}", "req/s", Spread.of(rates["original"]), Spread.of(rates["optimized"]),
                 speedup, bound=f"concurrency {batch['original']} → {batch['optimized']}",
                 predicted=predicted["here"],
-                check=f"{'✓' if passed else '✗'} within {TOLERANCE:.0%} of the model "
-                      f"({speedup.median / predicted['here'] - 1:+.0%})" + (", ≥ 2× (memory-bound)"
-                                                                          if memory_bound_here else "")),
+                check=serving_check(speedup.median, predicted["here"])),
             Row(f"output tokens/s, {load}", "tokens/s", Spread.of(tokens["original"]), Spread.of(tokens["optimized"]),
                 ratio(tokens["optimized"], tokens["original"]), predicted=predicted["here"]),
         ]
@@ -73,8 +81,10 @@ def run(bench) -> SectionResult:
             points[role].append((batch[role], Spread.of(tokens[role]).median))
         result.notes.append(
             f"{load}: the budget fits {batch['original']} original and {batch['optimized']} compressed sequences. "
-            f"Memory traffic is {memory_share['here']:.0%} of the original's modelled decode step here, "
-            f"{memory_share['gpu']:.0%} at {GPU[0]}'s FLOPs per byte; the model predicts {predicted['here']:.2f}× "
+            f"Memory traffic is {memory_share['original', 'here']:.0%} of the original's modelled decode step "
+            f"and {memory_share['optimized', 'here']:.0%} of the compressed model's here, "
+            f"{memory_share['original', 'gpu']:.0%} and {memory_share['optimized', 'gpu']:.0%} at {GPU[0]}'s "
+            f"FLOPs per byte; the model predicts {predicted['here']:.2f}× "
             f"here (measured {speedup.median:.2f}×) and {predicted['gpu']:.2f}× there. More sequences per step only "
             "pay where a step's time grows slower than its batch: where reading weights and KV, not arithmetic "
             "per sequence, dominates.")
