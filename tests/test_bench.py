@@ -299,6 +299,24 @@ def test_sparse_section_times_vllm_decode_of_the_sparse_checkpoint_against_the_o
     assert row.original.median == pytest.approx(31 / 3.1) and row.ratio.median == pytest.approx(0.5)
 
 
+def test_an_engine_job_that_times_out_takes_its_child_processes_with_it(tmp_path):
+    """vLLM's engine core and workers are children of the job's process: a timeout must stop them too."""
+    import os
+    import time
+
+    from llmopt.bench.vllm_engine import run_process_group
+
+    pid_file = tmp_path / "child.pid"
+    command = ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]
+    with (tmp_path / "log").open("w") as log, pytest.raises(subprocess.TimeoutExpired):
+        run_process_group(command, dict(os.environ), log, timeout=1)
+    child = int(pid_file.read_text())
+    time.sleep(0.2)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    with (tmp_path / "log").open("w") as log:
+        assert run_process_group(["bash", "-c", "echo done; exit 3"], dict(os.environ), log, timeout=10) == (3, "done\n")
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_bench_quick_kv_capacity_end_to_end(tmp_path):

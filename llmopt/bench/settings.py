@@ -48,7 +48,7 @@ FULL = Settings(repeats=5, warmup=1, capacity_gib=4,
 # One engine per model at the serving budget: it must also hold the largest decode load (3 sequences of one block).
 # The serving load shows where the win appears on a 2-core CPU: 4 blocks of 128 tokens hold 3 original sequences
 # (one block is vLLM's null block) and 11 compressed ones, whose step is still mostly memory traffic; at 5 → 17
-# the compressed model's step is already half arithmetic here (24 × (32 + 64): 1.81× measured, 1.79× predicted).
+# the compressed model's step is already half arithmetic there.
 QUICK = Settings(repeats=3, warmup=1, capacity_gib=None,
                  decode_loads=((1, 32), (1, 96), (3, 96)), decode_tokens=32,
                  serving_loads=((33, 32, 96),), serving_repeats=3, serving_concurrency=4, max_num_seqs=32,

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 MARKER = "RESULT "
 
@@ -28,13 +30,28 @@ def run_engine(job: dict, log: Path, timeout: float = 3600) -> dict:
     else:
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the job's kv_cache_bytes decides
     with log.open("a") as stream:
-        done = subprocess.run([sys.executable, "-m", "llmopt.bench.vllm_engine", json.dumps(job)], check=False,
-                              env=env, stdout=subprocess.PIPE, stderr=stream, text=True, timeout=timeout)
-        stream.write(done.stdout)  # vLLM logs to stdout too
-    lines = [line for line in done.stdout.splitlines() if line.startswith(MARKER)]
-    if done.returncode or not lines:
-        raise RuntimeError(f"the vLLM engine for {job['model']} failed (exit {done.returncode}); see {log}")
+        returncode, stdout = run_process_group([sys.executable, "-m", "llmopt.bench.vllm_engine", json.dumps(job)],
+                                               env, stream, timeout)
+        stream.write(stdout)  # vLLM logs to stdout too
+    lines = [line for line in stdout.splitlines() if line.startswith(MARKER)]
+    if returncode or not lines:
+        raise RuntimeError(f"the vLLM engine for {job['model']} failed (exit {returncode}); see {log}")
     return json.loads(lines[-1][len(MARKER):])
+
+
+def run_process_group(command: list[str], env: dict, stderr: IO[str], timeout: float) -> tuple[int, str]:
+    """(exit code, stdout) of `command`, started in a process group of its own. A timeout or an interrupt kills
+    the whole group: vLLM's engine core and workers are the job's children, and a killed job alone would leave them
+    running, slowing every later measurement."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                               start_new_session=True)
+    try:
+        stdout, _ = process.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return process.returncode, stdout
 
 
 def _prompts(count: int, length: int, vocab: int, seed: int) -> list[dict]:
