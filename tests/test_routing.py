@@ -1,6 +1,7 @@
 """Token routing: the gathered layer against a slow masked reference, generate() with the KV cache, training,
 allocation, costs, and save → load_optimized."""
 
+import copy
 import json
 
 import pytest
@@ -236,6 +237,35 @@ def test_learned_routing_generates_deterministically(trained):
     again, _ = greedy(model, prompts)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert all(len(t) == 8 for t in batched)
+
+
+def test_scores_without_autograd_fold_the_standardization_and_follow_the_weights(trained):
+    router = copy.deepcopy(trained[0].model.token_router)
+    generator = torch.Generator().manual_seed(6)
+    hidden, previous, normed = (torch.randn(2, 7, TINY["hidden_size"], generator=generator) for _ in range(3))
+    positions = torch.arange(7)[None]
+
+    def both(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        router.remember(index - 1, previous)
+        with torch.enable_grad():  # the training path: features, standardization, MLP
+            reference = router.score(index, hidden, normed, positions).detach()
+        with torch.no_grad():  # inference: the folded first layer
+            return reference, router.score(index, hidden, normed, positions)
+
+    for index in (1, 2):
+        reference, folded = both(index)
+        assert torch.allclose(folded, reference, rtol=1e-5, atol=1e-5)
+        router._previous = None  # no previous block: the update feature is zero either way
+        with torch.enable_grad():
+            reference = router.score(index, hidden, normed, positions).detach()
+        with torch.no_grad():
+            assert torch.allclose(router.score(index, hidden, normed, positions), reference, rtol=1e-5, atol=1e-5)
+    before = both(1)[1]
+    with torch.no_grad():
+        router.mlp[0].weight.mul_(1.5)
+        router.feature_std[1] *= 2
+    reference, folded = both(1)
+    assert torch.allclose(folded, reference, rtol=1e-5, atol=1e-5) and not torch.allclose(folded, before)
 
 
 def test_round_trip_restores_the_routed_model(trained, tmp_path, token_windows_tiny):
