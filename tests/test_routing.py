@@ -245,27 +245,25 @@ def test_scores_without_autograd_fold_the_standardization_and_follow_the_weights
     hidden, previous, normed = (torch.randn(2, 7, TINY["hidden_size"], generator=generator) for _ in range(3))
     positions = torch.arange(7)[None]
 
-    def both(index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        router.remember(index - 1, previous)
-        with torch.enable_grad():  # the training path: features, standardization, MLP
-            reference = router.score(index, hidden, normed, positions).detach()
-        with torch.no_grad():  # inference: the folded first layer
-            return reference, router.score(index, hidden, normed, positions)
-
-    for index in (1, 2):
-        reference, folded = both(index)
-        assert torch.allclose(folded, reference, rtol=1e-5, atol=1e-5)
-        router._previous = None  # no previous block: the update feature is zero either way
+    def scores(index: int, before: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training path: features, standardization, MLP; inference: the folded first layer), with the previous
+        block's input `before` or without it (the update feature is zero)."""
+        router._previous = None if before is None else (index - 1, before)
         with torch.enable_grad():
             reference = router.score(index, hidden, normed, positions).detach()
         with torch.no_grad():
-            assert torch.allclose(router.score(index, hidden, normed, positions), reference, rtol=1e-5, atol=1e-5)
-    before = both(1)[1]
+            return reference, router.score(index, hidden, normed, positions)
+
+    for index in (1, 2):
+        for before in (previous, None):
+            reference, folded = scores(index, before)
+            assert torch.allclose(folded, reference, rtol=1e-5, atol=1e-5)
+    unchanged = scores(1, previous)[1]
     with torch.no_grad():
         router.mlp[0].weight.mul_(1.5)
         router.feature_std[1] *= 2
-    reference, folded = both(1)
-    assert torch.allclose(folded, reference, rtol=1e-5, atol=1e-5) and not torch.allclose(folded, before)
+    reference, folded = scores(1, previous)
+    assert torch.allclose(folded, reference, rtol=1e-5, atol=1e-5) and not torch.allclose(folded, unchanged)
 
 
 def test_round_trip_restores_the_routed_model(trained, tmp_path, token_windows_tiny):
