@@ -1,9 +1,11 @@
 """Distillation against the original model: the training loop every transform that learns shares.
 
 The teacher is the same model put back into its original state for one forward pass (a context manager the
-transform provides: original attention modules swapped in, routers switched off...), so nothing is copied.
-Its logits are computed per step on fresh windows, so the student never sees one window often enough to
-memorise it. Only the parameters the transform names train; everything else stays frozen.
+transform provides: original attention modules swapped in, routers switched off...), so nothing is copied; it
+does not change while the student trains. Its logits are computed on the windows each step draws, never stored
+(a vocabulary's worth of floats per token); where the windows repeat (more steps than one pass over them), each
+window's last hidden state is kept after its first pass, so a repeat costs the teacher only its output layer.
+Only the parameters the transform names train; everything else stays frozen.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ class DistillationConfig:
     recorded). ``precision``: "bfloat16" runs forward and backward under bf16 autocast (weights stay float32);
     "auto" (the default) picks it where the device has bf16 arithmetic and float32 elsewhere (`llmopt.precision`).
     ``report_minutes``: elapsed training minutes at which the caller measures the model (a quality-against-budget
-    curve from one run; the time spent measuring is not counted)."""
+    curve from one run; the time spent measuring is not counted). ``cache_teacher``: keep the teacher's last
+    hidden state of every window it has seen (windows × seq_len × hidden size floats) when the steps will see a
+    window more than once; the same logits, fewer teacher passes."""
 
     steps: int = 200
     minutes: float | None = None
@@ -40,6 +44,7 @@ class DistillationConfig:
     warmup_steps: int = 10
     precision: Precision = "auto"
     report_minutes: list[float] = field(default_factory=list)
+    cache_teacher: bool = True
 
     section: ClassVar[str] = "distillation"  # the name errors use; subclasses set their own
 
@@ -118,6 +123,8 @@ def distill(model: nn.Module, params: list[nn.Parameter] | list[dict], teacher: 
     budget = None if config.minutes is None else config.minutes * 60
     curve: list[float] = []
     marks, minute_steps = list(config.report_minutes), {}
+    repeats = config.cache_teacher and config.steps * config.batch_size > len(windows)
+    teacher_states: dict[int, torch.Tensor] | None = {} if repeats else None
     started, paused, was_training = time.perf_counter(), 0.0, model.training
     try:
         with only_trainable(model, trained):
@@ -135,8 +142,8 @@ def distill(model: nn.Module, params: list[nn.Parameter] | list[dict], teacher: 
                 pick = order[torch.arange(step * config.batch_size, (step + 1) * config.batch_size) % len(windows)]
                 batch = windows[pick].to(device)
                 model.eval()
-                with torch.no_grad(), autocast, teacher():
-                    target = model(input_ids=batch, use_cache=False).logits
+                with torch.no_grad(), autocast:
+                    target = teacher_logits(model, teacher, windows, pick.tolist(), teacher_states)
                 model.train()
                 with autocast:
                     value = loss(model, model(input_ids=batch, use_cache=False).logits, target)
@@ -150,6 +157,23 @@ def distill(model: nn.Module, params: list[nn.Parameter] | list[dict], teacher: 
         model.train(was_training)
     return {"steps": len(curve), "tokens": len(curve) * config.batch_size * windows.shape[1], "precision": precision,
             "seconds": round(time.perf_counter() - started - paused, 1), "curve": curve, "minute_steps": minute_steps}
+
+
+def teacher_logits(model: nn.Module, teacher: Callable[[], ContextManager], windows: torch.Tensor,
+                   pick: list[int], states: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    """The teacher's logits on ``windows[pick]``. With `states` (window index → the teacher's last hidden state,
+    filled here), only windows not seen before run through the teacher's decoder; the rest cost the output
+    layer."""
+    device = next(model.parameters()).device
+    if states is None:
+        with teacher():
+            return model(input_ids=windows[pick].to(device), use_cache=False).logits
+    new = [index for index in dict.fromkeys(pick) if index not in states]
+    if new:
+        with teacher():
+            hidden = model.get_decoder()(input_ids=windows[new].to(device), use_cache=False).last_hidden_state
+        states.update(zip(new, hidden))
+    return model.get_output_embeddings()(torch.stack([states[index] for index in pick]))
 
 
 def _measure(model: nn.Module, checkpoint: Callable[[float], None] | None, minutes: float) -> float:

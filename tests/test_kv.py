@@ -129,6 +129,23 @@ def test_a_step_budget_reproduces_the_same_healed_model(token_windows_tiny):
     assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
 
 
+def test_a_cached_teacher_heals_the_same_model_with_fewer_teacher_passes(token_windows_tiny):
+    """8 steps of 4 windows over 8 windows see each window 4 times: with the cache the teacher's decoder runs on the
+    first pass only (2 of its 8 batches), and the healed weights are the uncached run's."""
+    states, passes = [], []
+    for cache in (False, True):
+        model, calls = tiny_model(), []
+        model.model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        healing = HealingConfig(steps=8, learning_rate=3e-3, seq_len=32, batch_size=4, tokens=512, warmup_steps=2,
+                                cache_teacher=cache)
+        patch_model(model, KVCompressionConfig(num_kv_heads=1, method="mean-pool", healing=healing),
+                    calibration=token_windows_tiny[:8])
+        states.append(model.state_dict())
+        passes.append(len(calls))
+    assert passes[0] - passes[1] == 8 - 2, passes
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+
+
 @pytest.mark.parametrize("config, error, message", [
     (KVCompressionConfig(num_kv_heads=3), ConfigError, "do not divide the model's 4 KV heads; choose one of [1, 2]"),
     (KVCompressionConfig(num_kv_heads=4), ConfigError, "already has 4 KV heads"),

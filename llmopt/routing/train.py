@@ -101,15 +101,25 @@ def calibrate_thresholds(model: nn.Module, router: TokenRouter, windows: torch.T
 
 
 @torch.no_grad()
-def achieved_sparsity(model: nn.Module, router: TokenRouter, windows: torch.Tensor) -> list[float]:
-    """Share of tokens each block skipped on `windows` (routed blocks; dropped 1, dense 0)."""
+def routed_keeps(model: nn.Module, router: TokenRouter, windows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each routed block's ``keep [n, seq_len]`` on ``windows [n, seq_len]``, from one routed run in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with router.recording() as records:
+            for batch in windows.split(4):
+                model.model(input_ids=batch.to(router.threshold.device), use_cache=False)
+    finally:
+        model.train(was_training)
+    return {index: torch.cat([record.keep.cpu() for record in records if record.index == index])
+            for index in {record.index for record in records}}
+
+
+def achieved_sparsity(router: TokenRouter, keeps: dict[int, torch.Tensor]) -> list[float]:
+    """Share of tokens each block skipped: routed blocks from their `keeps`, dropped 1, dense 0."""
     skipped = [1.0 if router.dropped(index) else 0.0 for index in range(len(router.threshold))]
-    with router.recording() as records:
-        for batch in windows.split(4):
-            model.model(input_ids=batch.to(router.threshold.device), use_cache=False)
-    for index in {record.index for record in records}:
-        keeps = torch.cat([record.keep.flatten() for record in records if record.index == index])
-        skipped[index] = 1 - keeps.double().mean().item()
+    for index, keep in keeps.items():
+        skipped[index] = 1 - keep.double().mean().item()
     return skipped
 
 

@@ -35,6 +35,7 @@ from llmopt.routing.train import (
     calibrate_thresholds,
     fit_feature_statistics,
     guide_router,
+    routed_keeps,
     train_router,
 )
 from llmopt.transforms import CalibrationContext, Transform
@@ -144,12 +145,13 @@ class TokenRouting(Transform):
             details["training"] = train_router(model, router, training_windows, training)
             if learned:
                 calibrate_thresholds(model, router, windows)
-        if windows is not None:
-            blocks["achieved_sparsity"] = [round(v, 4) for v in achieved_sparsity(model, router, windows)]
         blocks["target_sparsity"] = [round(v, 4) for v in sparsity]
-        details["blocks"] = blocks
         if windows is not None:
-            details.update({f"calibration_{k}": round(v, 4) for k, v in self.cost(model, config, windows).items()})
+            keeps = routed_keeps(model, router, windows)
+            blocks["achieved_sparsity"] = [round(v, 4) for v in achieved_sparsity(router, keeps)]
+            costs = measured_cost(model, config, windows, keeps)
+            details.update({f"calibration_{k}": round(v, 4) for k, v in costs.items()})
+        details["blocks"] = blocks
         return details
 
     def apply(self, model: nn.Module, config: TokenRoutingConfig) -> None:
@@ -166,25 +168,21 @@ class TokenRouting(Transform):
                 "random": dataclasses.replace(config, method="random", training=None),
                 "uniform": dataclasses.replace(config, allocation="uniform")}
 
-    @torch.no_grad()
     def cost(self, model: nn.Module, config: TokenRoutingConfig,
              windows: torch.Tensor | None = None) -> dict[str, float]:
         """``token_sparsity`` and ``flops_skipped`` measured on `windows` (routed run; attention cost by real
         context length); without windows, the targets of the allocation."""
         router = router_of(model)
-        num_layers = len(router.threshold)
-        dropped = [index for index in range(num_layers) if router.dropped(index)]
         if windows is None:
             return {"token_sparsity": router.block_sparsity.double().mean().item()}
-        device, was_training = router.threshold.device, model.training
-        model.eval()
-        try:
-            with router.recording() as records:
-                for window in windows:
-                    model(input_ids=window[None].to(device), use_cache=False)
-        finally:
-            model.train(was_training)
-        keeps = {index: torch.cat([r.keep.cpu() for r in records if r.index == index])
-                 for index in {r.index for r in records}}
-        return skipped(block_flops(model.config, config.adapter_rank), num_layers, windows.shape[1], len(windows),
-                       keeps, dropped)
+        return measured_cost(model, config, windows, routed_keeps(model, router, windows))
+
+
+def measured_cost(model: nn.Module, config: TokenRoutingConfig, windows: torch.Tensor,
+                  keeps: dict[int, torch.Tensor]) -> dict[str, float]:
+    """`TokenRouting.cost` of ``windows [n, seq_len]`` on which the routed blocks kept `keeps`."""
+    router = router_of(model)
+    num_layers = len(router.threshold)
+    dropped = [index for index in range(num_layers) if router.dropped(index)]
+    return skipped(block_flops(model.config, config.adapter_rank), num_layers, windows.shape[1], len(windows), keeps,
+                   dropped)
