@@ -28,7 +28,7 @@ DECODE_TASK, DECODE_TOKENS, DECODE_WINDOWS = "decode-ppl", 128, 2
 ANSWERS_TASK = "answers"
 FIRST_TOKEN_TASK, FIRST_TOKENS, FIRST_TOKEN_WINDOWS, FIRST_TOKEN_SEQ_LEN = "first-token-ppl", 64, 4, 256
 DEFAULT_SUITE = (*PERPLEXITY_TASKS, "passkey", ANSWERS_TASK, *DEFAULT_TASKS)
-LONG_SUITE = ("wikipedia-ppl:4096", "decode-ppl:4096", "passkey:4096", "passkey:8192", "multihop:4096",
+LONG_SUITE = ("wikipedia-ppl:4096", "decode-ppl:6144", "passkey:4096", "passkey:8192", "multihop:4096",
               "multihop:8192")
 GROUPS = {"default": DEFAULT_SUITE, "long": LONG_SUITE}
 PPL_WINDOWS, PPL_SEQ_LEN = 16, 512

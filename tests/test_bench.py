@@ -3,6 +3,7 @@ inputs; one slow end-to-end `llmopt bench --quick` of the KV capacity section on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -293,10 +294,13 @@ def test_sparse_section_times_vllm_decode_of_the_sparse_checkpoint_against_the_o
     bench = Bench("tiny", tmp_path / "kv.yaml", QUICK, tmp_path)
     monkeypatch.setattr(Bench, "original", lambda _self: tmp_path / "original")
     bench.shared[f"checkpoint:{throughput.RECIPES['sparse']}"] = tmp_path / "sparse"
-    row = sparse_attention.vllm_decode_row(bench, SparseAttentionConfig(block_size=64, decode_pages=16))
+    config = SparseAttentionConfig(block_size=64, decode_pages=16, decode_max_density=1.0)
+    row = sparse_attention.vllm_decode_row(bench, config)
     assert [job["tasks"][0]["prompt"] for job in jobs] == [1536, 1536] and jobs[0]["max_model_len"] == 1568
     assert row.claim == "vLLM decode, batch 2, context 1536+32, pages read 0.72" and row.unit == "steps/s"
     assert row.original.median == pytest.approx(31 / 3.1) and row.ratio.median == pytest.approx(0.5)
+    row = sparse_attention.vllm_decode_row(bench, dataclasses.replace(config, decode_max_density=0.25))
+    assert row.claim == "vLLM decode, batch 2, context 1536+32, decodes dense (18 of 25 pages would be read)"
 
 
 def test_an_engine_job_that_times_out_takes_its_child_processes_with_it(tmp_path):

@@ -278,7 +278,8 @@ def test_real_model_keeps_perplexity_on_a_long_heldout_prompt():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("b, h, hkv, length, d, page", [(1, 4, 2, 200, 60, 16), (2, 6, 1, 131, 32, 32)])
+@pytest.mark.parametrize("b, h, hkv, length, d, page", [(1, 4, 2, 200, 60, 16), (2, 6, 1, 131, 32, 32),
+                                                    (2, 3, 3, 128, 16, 32)])
 def test_sparse_decode_matches_the_naive_reference_over_the_selected_pages(b, h, hkv, length, d, page, dtype):
     from llmopt.triton_kernels.sparse_decode.naive import naive_sparse_decode_attention
 
@@ -305,11 +306,26 @@ def test_page_selection_finds_the_page_with_the_key_the_query_points_at():
 
 
 def test_sparse_decode_runs_in_generate_once_the_cache_is_long(prompt):
-    config = SparseAttentionConfig(block_size=16, mass=0.5, min_seq_len=48, decode_pages=2)
+    config = SparseAttentionConfig(block_size=16, mass=0.5, min_seq_len=48, decode_pages=2, decode_max_density=1.0)
     model = patch_model(tiny_model(), config)
     out = model.generate(prompt, max_new_tokens=5, do_sample=False)
     stats = model.llmopt_sparse_stats
     assert out.shape == (1, 105) and stats.calls == {"torch": 3, "torch-decode": 3 * 4}
     assert stats.decode_density == pytest.approx(4 / 7)  # sink, best 2 and the partial of 7 pages
+
+
+def test_decode_stays_dense_while_the_pages_read_are_too_large_a_share_of_the_cache(prompt):
+    config = SparseAttentionConfig(block_size=16, mass=0.5, min_seq_len=48, decode_pages=2)  # at most 1/4 read
+    # 4 pages read (sink, best 2, newest): sparse from 16 pages of 16 tokens, i.e. 241 tokens
+    assert [config.decodes_sparse(n) for n in (240, 241, 1000)] == [False, True, True]
+    assert not dataclasses.replace(config, decode_pages=0).decodes_sparse(1000)
+    assert not dataclasses.replace(config, min_seq_len=2000).decodes_sparse(1000)
+    model = patch_model(tiny_model(), config)
+    out = model.generate(prompt, max_new_tokens=5, do_sample=False)  # 7 pages: 4/7 would be read
+    assert model.llmopt_sparse_stats.calls == {"torch": 3, "dense": 3 * 4}
+    prefill_only = patch_model(tiny_model(), dataclasses.replace(config, decode_pages=0))
+    assert torch.equal(out, prefill_only.generate(prompt, max_new_tokens=5, do_sample=False))
+    with pytest.raises(ConfigError, match="sparse.decode_max_density"):
+        SparseAttentionConfig(decode_max_density=0)
     with pytest.raises(ConfigError, match="sparse.decode_pages"):
         SparseAttentionConfig(decode_pages=-1)

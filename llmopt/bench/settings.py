@@ -40,7 +40,7 @@ FULL = Settings(repeats=5, warmup=1, capacity_gib=4,
                 serving_loads=((64, 1024, 256), (64, 32, 512)), serving_repeats=3, serving_concurrency=16,
                 max_num_seqs=64,
                 max_model_len=4096, sparse_lengths=(4096, 8192, 16384), sparse_layers=(3, 6, 9),
-                sparse_vllm_decode=(4, 4096),
+                sparse_vllm_decode=(1, 6144),
                 routing_prefill=2048, routing_decode_batches=(1, 8),
                 throughput_loads=((32, 256, 64), (4, 2048, 32)),
                 time_calibration=True)

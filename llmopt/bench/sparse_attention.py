@@ -152,10 +152,12 @@ def vllm_decode_row(bench, config) -> Row:
         job = {"model": str(directory), "dtype": bench.vllm_dtype, "max_num_seqs": batch,
                "max_model_len": prompt + task["output"], "kv_space_gib": 2, "tasks": [task]}
         steps[name] = [1 / s for s in step_seconds(run_engine(job, bench.log)["tasks"][0])]
-    pages = -(-(prompt + task["output"] // 2) // config.block_size)
-    return Row(f"vLLM decode, batch {batch}, context {prompt}+{task['output']}, pages read "
-               f"{(config.decode_pages + 2) / pages:.2f}", "steps/s", Spread.of(steps["original"]),
-               Spread.of(steps["sparse"]), ratio(steps["sparse"], steps["original"]))
+    context = prompt + task["output"] // 2
+    pages, read = -(-context // config.block_size), config.decode_pages + 2
+    reads = (f"pages read {read / pages:.2f}" if config.decodes_sparse(context)
+             else f"decodes dense ({read} of {pages} pages would be read)")
+    return Row(f"vLLM decode, batch {batch}, context {prompt}+{task['output']}, {reads}", "steps/s",
+               Spread.of(steps["original"]), Spread.of(steps["sparse"]), ratio(steps["sparse"], steps["original"]))
 
 
 def run(bench) -> SectionResult:

@@ -3,9 +3,10 @@
 What is sparse: the prefill of an unpadded prompt of at least `min_seq_len` tokens (query length > 1, no
 attention mask): blocks are selected (`select_blocks`), then attended by the torch path on CPU or the Triton
 kernel on CUDA; with `decode_pages` > 0, the decode steps of unpadded sequences once the cache holds
-`min_seq_len` tokens (`llmopt.sparse.decode`). What stays dense (transformers' SDPA): shorter prompts, padded
-batches and any call with a non-trivial mask (chunked prefill against a cache), non-causal calls, dropout in
-training, and modules of models this transform was not applied to. ``model.llmopt_sparse_stats`` counts the
+`min_seq_len` tokens and the pages read are at most `decode_max_density` of it (`llmopt.sparse.decode`). What
+stays dense (transformers' SDPA): shorter prompts and caches, padded batches and any call with a non-trivial mask
+(chunked prefill against a cache), non-causal calls, dropout in training, and modules of models this transform
+was not applied to. ``model.llmopt_sparse_stats`` counts the
 calls per backend and the blocks and pages kept.
 """
 
@@ -109,14 +110,12 @@ def page_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_indices:
 
 
 def sparse_decode(module: nn.Module, state: SparseState, query: torch.Tensor, key: torch.Tensor,
-                  value: torch.Tensor, scaling: float | None) -> torch.Tensor | None:
-    """Output ``[B, 1, H, D]`` of a decode step over the selected pages, or None where they would be all pages."""
+                  value: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """Output ``[B, 1, H, D]`` of a decode step over the selected pages."""
     page, length = state.config.block_size, key.shape[2]
     summary = summarize(key, page, getattr(module, PAGES_ATTRIBUTE, None))
     setattr(module, PAGES_ATTRIBUTE, summary)
     cached = -(-length // page)
-    if state.config.decode_pages + 2 >= cached:
-        return None
     q = query[:, :, 0]
     indices, counts = select_pages(q, summary, length, page, state.config.decode_pages)
     output, backend = page_sparse(q, key, value, indices, counts, page, scaling)
@@ -138,11 +137,9 @@ def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
     if state is not None and lq > 1:
         setattr(module, PAGES_ATTRIBUTE, None)  # a new prompt or chunk: the page summaries start again
-    if (state is not None and lq == 1 and causal and attention_mask is None and state.config.decode_pages
-            and key.shape[2] >= state.config.min_seq_len):
-        output = sparse_decode(module, state, query, key, value, scaling)
-        if output is not None:
-            return output, None
+    if (state is not None and lq == 1 and causal and attention_mask is None
+            and state.config.decodes_sparse(key.shape[2])):
+        return sparse_decode(module, state, query, key, value, scaling), None
     if (state is None or not causal or attention_mask is not None or lq == 1 or lq < state.config.min_seq_len
             or (dropout > 0.0 and module.training) or kwargs.get("position_bias") is not None):
         if state is not None:

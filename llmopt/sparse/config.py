@@ -17,7 +17,8 @@ class SparseAttentionConfig:
     every head vertical-slash, 1 none); prompts shorter than `min_seq_len` tokens run dense. Decode with
     `decode_pages` > 0 (Quest-style) attends, per KV head, the first page, the `decode_pages` pages of
     `block_size` keys whose key bounds score highest and the newest page, once the cache holds `min_seq_len`
-    tokens; 0 keeps decode dense."""
+    tokens and those pages are at most `decode_max_density` of its pages (below that, gathering the pages costs
+    more than reading them all); 0 keeps decode dense."""
 
     name: ClassVar[str] = "sparse"
     stage: ClassVar[int] = 30
@@ -30,6 +31,7 @@ class SparseAttentionConfig:
     pattern_threshold: float = 0.15
     min_seq_len: int = 1024
     decode_pages: int = 0
+    decode_max_density: float = 0.25
 
     def __post_init__(self) -> None:
         require(self.block_size in (16, 32, 64, 128), "sparse.block_size must be 16, 32, 64 or 128")
@@ -41,3 +43,11 @@ class SparseAttentionConfig:
         require(self.min_seq_len >= 2, f"sparse.min_seq_len must be at least 2, got {self.min_seq_len}")
         require(self.decode_pages >= 0, f"sparse.decode_pages must be 0 (dense decode) or more, got "
                                         f"{self.decode_pages}")
+        require(0.0 < self.decode_max_density <= 1.0,
+                f"sparse.decode_max_density must be in (0, 1], got {self.decode_max_density}")
+
+    def decodes_sparse(self, length: int) -> bool:
+        """Whether a decode step over a cache of `length` tokens (the new one included) reads only some pages."""
+        pages, read = -(-length // self.block_size), self.decode_pages + 2  # the first and the newest page too
+        return (self.decode_pages > 0 and length >= self.min_seq_len and read < pages
+                and read <= self.decode_max_density * pages)

@@ -78,14 +78,14 @@ def sparse_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_
     """
     b, h, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
-    full = length // page_size
     dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
-    batch, head = torch.arange(b)[:, None, None], torch.arange(hkv)[None, :, None]
-    chosen = page_indices[..., :-1] if length % page_size else page_indices
+    # the selected keys as rows of the flattened [B·Hkv·L, D] cache: one index_select, not a gather per page
+    keys = (page_indices.long()[..., None] * page_size + torch.arange(page_size, device=q.device)).flatten(2)
+    keys = keys[..., :keys.shape[-1] - (-length) % page_size]  # the partial last page holds fewer keys
+    rows = (keys + torch.arange(b * hkv, device=q.device).view(b, hkv, 1) * length).flatten()
 
     def gather(x: torch.Tensor) -> torch.Tensor:
-        pages = x[:, :, :full * page_size].unflatten(2, (full, page_size))[batch, head, chosen.long()]
-        return torch.cat([pages.flatten(2, 3), x[:, :, full * page_size:]], 2).to(dtype)  # [B, Hkv, S, D]
+        return x.reshape(b * hkv * length, d).index_select(0, rows).view(b, hkv, -1, d).to(dtype)
 
     o = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, d).to(dtype), gather(k), gather(v), scale=scale)
     return o.reshape(b, h, d).to(q.dtype)

@@ -10,8 +10,9 @@ For a sparse model, each step's requests split three ways:
   (`sparse_chunk_attention`: the torch path). A prompt attended in one step is exactly the transformers model's
   sparse prefill; so is a chunked one, wherever chunks start on a sparse block boundary.
 - sparse decode, where the record sets `decode_pages`: a decode token whose context holds at least
-  ``min_seq_len`` tokens and more than ``decode_pages + 2`` pages (`paged_sparse_decode`: the pages
-  transformers' sparse decode chooses, read from the paged cache, with per-page key bounds kept beside it).
+  ``min_seq_len`` tokens and whose pages read are at most ``decode_max_density`` of its pages
+  (`SparseAttentionConfig.decodes_sparse`), through `paged_sparse_decode`: the pages transformers' sparse decode
+  chooses, read from the paged cache, with per-page key bounds kept beside it.
 - dense: the other decode steps and shorter prefills, through vLLM's C++ kernel over the other requests only.
 
 Chunked prefill and prefix caching stay on: a later chunk, or the suffix after a cached prefix, attends to the
@@ -123,7 +124,7 @@ class SparseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         long = [i for i in range(common.num_reqs) if seq_lens[i] >= config.min_seq_len]
         prefill = [i for i in long if starts[i + 1] - starts[i] > 1]
         decode = [i for i in long if starts[i + 1] - starts[i] == 1 and self.decode_pages
-                  and self.decode_pages + 2 < -(-seq_lens[i] // config.block_size)]
+                  and config.decodes_sparse(seq_lens[i])]
         if not prefill and not decode:
             return None
         rows = [SparseRow(starts[i], starts[i + 1], seq_lens[i], common.block_table_tensor[i]) for i in prefill]
