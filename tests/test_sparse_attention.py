@@ -299,8 +299,8 @@ def test_page_selection_finds_the_page_with_the_key_the_query_points_at():
     q = q[:, :, -1]
     k[0, 0, 150] = q[0].sum(0) * 10  # page 9 of 16 holds a key both query heads score far above the rest
     summary = summarize(k, 16, None)
-    indices, _ = select_pages(q, summary, 256, 16, pages=1)
-    assert indices[0, 0].tolist() == [0, 9]  # the sink and the page; no partial page at 256
+    indices, _ = select_pages(q, summary, 256, 16, pages=2)
+    assert indices[0, 0].tolist() == [0, 9, 15]  # the sink, the page and the newest; no partial page at 256
     grown = summarize(torch.cat([k, k[:, :, :40]], 2), 16, summary)  # decoding on: two more full pages
     assert torch.equal(grown.high, summarize(torch.cat([k, k[:, :, :40]], 2), 16, None).high) and grown.pages == 18
 

@@ -15,8 +15,9 @@ class SparseAttentionConfig:
     estimate of the last query block is further than `pattern_threshold` (Jensen-Shannon distance, 0 to 0.83)
     from its exact attention keeps instead the key columns and diagonals holding `mass` (vertical-slash: 0 makes
     every head vertical-slash, 1 none); prompts shorter than `min_seq_len` tokens run dense. Decode with
-    `decode_pages` > 0 (Quest-style) attends, per KV head, the first page, the `decode_pages` pages of
-    `block_size` keys whose key bounds score highest and the newest page, once the cache holds `min_seq_len`
+    `decode_pages` > 0 (Quest-style) attends, per KV head, the first page, `decode_pages` more pages of
+    `block_size` keys (the newest full one and those whose key bounds score highest) and the partial page, once
+    the cache holds `min_seq_len`
     tokens and those pages are at most `decode_max_density` of its pages (below that, gathering the pages costs
     more than reading them all); 0 keeps decode dense."""
 

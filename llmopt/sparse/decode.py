@@ -1,9 +1,9 @@
 """Sparse decode (Quest-style): per KV head, attend only the cache pages whose keys can score highest.
 
 Each full page of ``page_size`` keys is summarized by its elementwise key min and max; a query's score on a page
-is bounded by ``sum_d max(q_d min_d, q_d max_d)``. Per KV head (the bounds of its query heads summed), the
-`pages` best-bounded pages are kept, plus the first page (the attention sink) and the pages not summarized yet
-(the newest, partial one). Summaries are kept per layer and extended page by page as decoding goes on.
+is bounded by ``sum_d max(q_d min_d, q_d max_d)``. Per KV head (the bounds of its query heads summed), `pages`
+full pages are kept — the first (the attention sink), the newest (the local context) and the best-bounded others
+— plus the pages not summarized yet (the newest, partial one). Summaries are kept per layer and extended page by page as decoding goes on.
 """
 
 from __future__ import annotations
@@ -56,12 +56,13 @@ def page_bounds(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch
 
 def select_pages(q: torch.Tensor, summary: PageSummary, length: int, page_size: int,
                  pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(page_indices ``[B, Hkv, K]``, page_counts ``[B, Hkv]``) int32, ascending: the first page, the `pages`
-    best-bounded full pages after it and every page not summarized. q ``[B, H, D]``; `length` keys in the cache."""
+    """(page_indices ``[B, Hkv, K]``, page_counts ``[B, Hkv]``) int32, ascending: the first and the newest full
+    page, the best-bounded full pages between them (`pages` + 1 full pages in all) and every page not summarized.
+    q ``[B, H, D]``; `length` keys in the cache."""
     b = q.shape[0]
     hkv = summary.low.shape[1]
     bound = page_bounds(q, summary.low, summary.high)
-    bound[..., :1] = math.inf  # the sink (when a full page exists)
+    bound[..., [0, -1]] = math.inf  # the sink and the local context (when a full page exists)
     chosen = bound.topk(min(pages + 1, summary.pages), dim=-1).indices
     tail = torch.arange(summary.pages, math.ceil(length / page_size), device=q.device)
     indices = torch.cat([chosen.sort(-1).values, tail.expand(b, hkv, -1)], -1).to(torch.int32)

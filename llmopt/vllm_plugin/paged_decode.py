@@ -65,6 +65,7 @@ def paged_sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     low, high = bounds.lookup(kv_cache, numbers)
     bound = page_bounds(q, low, high).masked_fill(~is_full[:, None], -math.inf)
     bound[..., 0] = math.inf  # the sink
+    bound.scatter_(-1, (full - 1)[:, None, None].expand(-1, hkv, 1), math.inf)  # the newest full page
     chosen = bound.topk(pages + 1, dim=-1).indices
     selected = torch.cat([chosen, full[:, None, None].expand(-1, hkv, 1)], -1)  # and the partial page [R, Hkv, K]
     column = selected // bounds.per_block  # the page's block in the request's table
