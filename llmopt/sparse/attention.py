@@ -6,8 +6,7 @@ kernel on CUDA; with `decode_pages` > 0, the decode steps of unpadded sequences 
 `min_seq_len` tokens and the pages read are at most `decode_max_density` of it (`llmopt.sparse.decode`). What
 stays dense (transformers' SDPA): shorter prompts and caches, padded batches and any call with a non-trivial mask
 (chunked prefill against a cache), non-causal calls, dropout in training, and modules of models this transform
-was not applied to. ``model.llmopt_sparse_stats`` counts the
-calls per backend and the blocks and pages kept.
+was not applied to. ``model.llmopt_sparse_stats`` counts the calls per backend and the blocks and pages kept.
 """
 
 from __future__ import annotations

@@ -17,9 +17,8 @@ class SparseAttentionConfig:
     every head vertical-slash, 1 none); prompts shorter than `min_seq_len` tokens run dense. Decode with
     `decode_pages` > 0 (Quest-style) attends, per KV head, the first page, `decode_pages` more pages of
     `block_size` keys (the newest full one and those whose key bounds score highest) and the partial page, once
-    the cache holds `min_seq_len`
-    tokens and those pages are at most `decode_max_density` of its pages (below that, gathering the pages costs
-    more than reading them all); 0 keeps decode dense."""
+    the cache holds `min_seq_len` tokens and those pages are at most `decode_max_density` of its pages (below
+    that, gathering the pages costs more than reading them all); 0 keeps decode dense."""
 
     name: ClassVar[str] = "sparse"
     stage: ClassVar[int] = 30
@@ -49,6 +48,6 @@ class SparseAttentionConfig:
 
     def decodes_sparse(self, length: int) -> bool:
         """Whether a decode step over a cache of `length` tokens (the new one included) reads only some pages."""
-        pages, read = -(-length // self.block_size), self.decode_pages + 2  # the first and the newest page too
+        pages, read = -(-length // self.block_size), self.decode_pages + 2  # the first and the partial page too
         return (self.decode_pages > 0 and length >= self.min_seq_len and read < pages
                 and read <= self.decode_max_density * pages)

@@ -1,9 +1,10 @@
 """Sparse decode (Quest-style): per KV head, attend only the cache pages whose keys can score highest.
 
 Each full page of ``page_size`` keys is summarized by its elementwise key min and max; a query's score on a page
-is bounded by ``sum_d max(q_d min_d, q_d max_d)``. Per KV head (the bounds of its query heads summed), `pages`
+is bounded by ``sum_d max(q_d min_d, q_d max_d)``. Per KV head (the bounds of its query heads summed), `pages` + 1
 full pages are kept — the first (the attention sink), the newest (the local context) and the best-bounded others
-— plus the pages not summarized yet (the newest, partial one). Summaries are kept per layer and extended page by page as decoding goes on.
+— plus the pages not summarized yet (the newest, partial one). Summaries are kept per layer and extended page by
+page as decoding goes on.
 """
 
 from __future__ import annotations
