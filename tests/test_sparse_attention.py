@@ -311,12 +311,12 @@ def test_sparse_decode_runs_in_generate_once_the_cache_is_long(prompt):
     out = model.generate(prompt, max_new_tokens=5, do_sample=False)
     stats = model.llmopt_sparse_stats
     assert out.shape == (1, 105) and stats.calls == {"torch": 3, "torch-decode": 3 * 4}
-    assert stats.decode_density == pytest.approx(4 / 7)  # sink, best 2 and the partial of 7 pages
+    assert stats.decode_density == pytest.approx(4 / 7)  # sink, newest full, best and partial of 7 pages
 
 
 def test_decode_stays_dense_while_the_pages_read_are_too_large_a_share_of_the_cache(prompt):
     config = SparseAttentionConfig(block_size=16, mass=0.5, min_seq_len=48, decode_pages=2)  # at most 1/4 read
-    # 4 pages read (sink, best 2, newest): sparse from 16 pages of 16 tokens, i.e. 241 tokens
+    # 4 pages read (sink, newest full, best, partial): sparse from 16 pages of 16 tokens, i.e. 241 tokens
     assert [config.decodes_sparse(n) for n in (240, 241, 1000)] == [False, True, True]
     assert not dataclasses.replace(config, decode_pages=0).decodes_sparse(1000)
     assert not dataclasses.replace(config, min_seq_len=2000).decodes_sparse(1000)

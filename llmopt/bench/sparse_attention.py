@@ -153,7 +153,7 @@ def vllm_decode_row(bench, config) -> Row:
                "max_model_len": prompt + task["output"], "kv_space_gib": 2, "tasks": [task]}
         steps[name] = [1 / s for s in step_seconds(run_engine(job, bench.log)["tasks"][0])]
     context = prompt + task["output"] // 2
-    pages, read = -(-context // config.block_size), config.decode_pages + 2
+    read, pages = config.decode_pages_read(context)
     reads = (f"pages read {read / pages:.2f}" if config.decodes_sparse(context)
              else f"decodes dense ({read} of {pages} pages would be read)")
     return Row(f"vLLM decode, batch {batch}, context {prompt}+{task['output']}, {reads}", "steps/s",

@@ -46,8 +46,13 @@ class SparseAttentionConfig:
         require(0.0 < self.decode_max_density <= 1.0,
                 f"sparse.decode_max_density must be in (0, 1], got {self.decode_max_density}")
 
+    def decode_pages_read(self, length: int) -> tuple[int, int]:
+        """(pages a sparse decode step reads, pages in the cache) for a cache of `length` tokens (the new one
+        included): the first and the partial page besides the `decode_pages` chosen."""
+        return self.decode_pages + 2, -(-length // self.block_size)
+
     def decodes_sparse(self, length: int) -> bool:
         """Whether a decode step over a cache of `length` tokens (the new one included) reads only some pages."""
-        pages, read = -(-length // self.block_size), self.decode_pages + 2  # the first and the partial page too
+        read, pages = self.decode_pages_read(length)
         return (self.decode_pages > 0 and length >= self.min_seq_len and read < pages
                 and read <= self.decode_max_density * pages)

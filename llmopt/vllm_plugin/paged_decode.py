@@ -1,5 +1,5 @@
 """Quest-style sparse decode on vLLM's paged CPU cache: the pages transformers' sparse decode would choose
-(`llmopt.sparse.decode`: per KV head, the first page, the best-bounded full pages, the newest partial one), and
+(`llmopt.sparse.decode`: per KV head, the first and the newest full page, the best-bounded others, the partial one), and
 only those are read.
 
 Each page's key min and max are kept beside the cache, computed once when a request first needs the page full;
