@@ -294,7 +294,7 @@ def test_sparse_section_times_vllm_decode_of_the_sparse_checkpoint_against_the_o
     bench = Bench("tiny", tmp_path / "kv.yaml", QUICK, tmp_path)
     monkeypatch.setattr(Bench, "original", lambda _self: tmp_path / "original")
     bench.shared[f"checkpoint:{throughput.RECIPES['sparse']}"] = tmp_path / "sparse"
-    config = SparseAttentionConfig(block_size=64, decode_pages=16, decode_max_density=1.0)
+    config = SparseAttentionConfig(decode_pages=16, decode_page_size=64, decode_max_density=1.0)
     row = sparse_attention.vllm_decode_row(bench, config)
     assert [job["tasks"][0]["prompt"] for job in jobs] == [1536, 1536] and jobs[0]["max_model_len"] == 1568
     assert row.claim == "vLLM decode, batch 2, context 1536+32, pages read 0.72" and row.unit == "steps/s"

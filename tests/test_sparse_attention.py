@@ -14,7 +14,7 @@ from llmopt.checkpoint import load_optimized, save_optimized
 from llmopt.config import ConfigError
 from llmopt.patch import patch_model
 from llmopt.sparse.config import SparseAttentionConfig
-from llmopt.sparse.decode import select_pages, sparse_decode_torch, summarize
+from llmopt.sparse.decode import page_bounds, select_pages, sparse_decode_torch, summarize
 from llmopt.sparse.selection import block_masks, crossed_blocks, select_blocks, to_indices
 from llmopt.sparse.torch_attention import sparse_attention_torch
 from llmopt.sparse.transform import SparseAttention
@@ -302,7 +302,21 @@ def test_page_selection_finds_the_page_with_the_key_the_query_points_at():
     indices, _ = select_pages(q, summary, 256, 16, pages=2)
     assert indices[0, 0].tolist() == [0, 9, 15]  # the sink, the page and the newest; no partial page at 256
     grown = summarize(torch.cat([k, k[:, :, :40]], 2), 16, summary)  # decoding on: two more full pages
-    assert torch.equal(grown.high, summarize(torch.cat([k, k[:, :, :40]], 2), 16, None).high) and grown.pages == 18
+    assert torch.equal(grown.boxes, summarize(torch.cat([k, k[:, :, :40]], 2), 16, None).boxes) and grown.pages == 18
+
+
+def test_page_bounds_are_quests_bound_on_each_pages_best_score():
+    generator = torch.Generator().manual_seed(1)
+    q, k, _ = qkv(2, 6, 2, 1, 128, 32, torch.float32, generator)
+    q = q[:, :, -1]
+    pages = k.view(2, 2, 8, 16, 32)
+    low, high = pages.amin(3)[:, :, None], pages.amax(3)[:, :, None]  # [B, Hkv, 1, P, D]
+    qg = q.view(2, 2, 3, 1, 32)
+    quest = torch.maximum(qg * low, qg * high).sum(-1).sum(2)  # the elementwise bound, summed over the group
+    bounds = page_bounds(q, summarize(k, 16, None).boxes)
+    torch.testing.assert_close(bounds, quest, rtol=1e-5, atol=1e-5)
+    best = torch.einsum("bkgd,bkpsd->bkgps", q.view(2, 2, 3, 32), pages).amax(-1).sum(2)  # each head's best key
+    assert (bounds >= best - 1e-5).all()
 
 
 def test_sparse_decode_runs_in_generate_once_the_cache_is_long(prompt):
@@ -329,3 +343,7 @@ def test_decode_stays_dense_while_the_pages_read_are_too_large_a_share_of_the_ca
         SparseAttentionConfig(decode_max_density=0)
     with pytest.raises(ConfigError, match="sparse.decode_pages"):
         SparseAttentionConfig(decode_pages=-1)
+    with pytest.raises(ConfigError, match="sparse.decode_page_size"):
+        SparseAttentionConfig(decode_page_size=24)
+    # decode pages are sized on their own: 16 keys against prefill blocks of 64
+    assert SparseAttentionConfig(block_size=64, decode_pages=2).decode_pages_read(1000) == (4, 63)

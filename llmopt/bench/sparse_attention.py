@@ -77,7 +77,7 @@ def bench_decode(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
     from llmopt.sparse.attention import page_sparse
     from llmopt.sparse.decode import select_pages, summarize
 
-    page, device = config.block_size, qkv[0][0].device
+    page, device = config.decode_page_size, qkv[0][0].device
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     steps = [(q[:, :, -1:], k, v, summarize(k[:, :, :-page], page, None)) for q, k, v in qkv]
 
@@ -206,9 +206,9 @@ def run(bench) -> SectionResult:
         + ", ".join(f"{r['vertical_slash']:.0%} at {n}" for n, r in measured.items()) + ".",
     ]
     if decoded:
-        result.notes.append(f"Decode keeps the first page, the {config.decode_pages} best-bounded pages of "
-                            f"{config.block_size} keys and the newest page per KV head (Quest); its density is "
-                            "the share of the cache's pages read.")
+        result.notes.append(f"Decode keeps, per KV head, the first page, {config.decode_pages} more pages of "
+                            f"{config.decode_page_size} keys (the newest full one and the best-bounded others: "
+                            "Quest) and the partial page; its density is the share of the cache's pages read.")
         bench.progress("vLLM decode: the sparse checkpoint against the original")
         result.rows.append(vllm_decode_row(bench, config))
     result.raw = {"config": vars(config), "layers": layers, "kernel": kernel, "lengths": measured,

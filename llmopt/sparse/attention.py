@@ -111,7 +111,7 @@ def page_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_indices:
 def sparse_decode(module: nn.Module, state: SparseState, query: torch.Tensor, key: torch.Tensor,
                   value: torch.Tensor, scaling: float | None) -> torch.Tensor:
     """Output ``[B, 1, H, D]`` of a decode step over the selected pages."""
-    page, length = state.config.block_size, key.shape[2]
+    page, length = state.config.decode_page_size, key.shape[2]
     summary = summarize(key, page, getattr(module, PAGES_ATTRIBUTE, None))
     setattr(module, PAGES_ATTRIBUTE, summary)
     cached = -(-length // page)

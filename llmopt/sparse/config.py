@@ -16,9 +16,10 @@ class SparseAttentionConfig:
     from its exact attention keeps instead the key columns and diagonals holding `mass` (vertical-slash: 0 makes
     every head vertical-slash, 1 none); prompts shorter than `min_seq_len` tokens run dense. Decode with
     `decode_pages` > 0 (Quest-style) attends, per KV head, the first page, `decode_pages` more pages of
-    `block_size` keys (the newest full one and those whose key bounds score highest) and the partial page, once
-    the cache holds `min_seq_len` tokens and those pages are at most `decode_max_density` of its pages (below
-    that, gathering the pages costs more than reading them all); 0 keeps decode dense."""
+    `decode_page_size` keys (the newest full one and those whose key bounds score highest) and the partial page,
+    once the cache holds `min_seq_len` tokens and those pages are at most `decode_max_density` of its pages
+    (below that, gathering the pages costs more than reading them all); 0 keeps decode dense. Smaller pages bound
+    the keys more tightly: at the same keys read, pages of 16 choose better than pages of 64."""
 
     name: ClassVar[str] = "sparse"
     stage: ClassVar[int] = 30
@@ -31,6 +32,7 @@ class SparseAttentionConfig:
     pattern_threshold: float = 0.15
     min_seq_len: int = 1024
     decode_pages: int = 0
+    decode_page_size: int = 16
     decode_max_density: float = 0.25
 
     def __post_init__(self) -> None:
@@ -43,13 +45,14 @@ class SparseAttentionConfig:
         require(self.min_seq_len >= 2, f"sparse.min_seq_len must be at least 2, got {self.min_seq_len}")
         require(self.decode_pages >= 0, f"sparse.decode_pages must be 0 (dense decode) or more, got "
                                         f"{self.decode_pages}")
+        require(self.decode_page_size in (16, 32, 64, 128), "sparse.decode_page_size must be 16, 32, 64 or 128")
         require(0.0 < self.decode_max_density <= 1.0,
                 f"sparse.decode_max_density must be in (0, 1], got {self.decode_max_density}")
 
     def decode_pages_read(self, length: int) -> tuple[int, int]:
         """(pages a sparse decode step reads, pages in the cache) for a cache of `length` tokens (the new one
         included): the first and the partial page besides the `decode_pages` chosen."""
-        return self.decode_pages + 2, -(-length // self.block_size)
+        return self.decode_pages + 2, -(-length // self.decode_page_size)
 
     def decodes_sparse(self, length: int) -> bool:
         """Whether a decode step over a cache of `length` tokens (the new one included) reads only some pages."""

@@ -1,10 +1,11 @@
 """Sparse decode (Quest-style): per KV head, attend only the cache pages whose keys can score highest.
 
-Each full page of ``page_size`` keys is summarized by its elementwise key min and max; a query's score on a page
-is bounded by ``sum_d max(q_d min_d, q_d max_d)``. Per KV head (the bounds of its query heads summed), `pages` + 1
-full pages are kept — the first (the attention sink), the newest (the local context) and the best-bounded others
-— plus the pages not summarized yet (the newest, partial one). Summaries are kept per layer and extended page by
-page as decoding goes on.
+Each full page of ``page_size`` keys is summarized by its key box: per coordinate, the midpoint and half-range of
+the page's keys. A query's score on a page is at most ``sum_d max(q_d min_d, q_d max_d) = q · mid + |q| ·
+half`` — linear in q and |q|, so the bound of a KV head (summed over its query heads) is one matrix-vector
+product with the boxes. Per KV head, `pages` + 1 full pages are kept — the first (the attention sink), the newest
+(the local context) and the best-bounded others — plus the pages not summarized yet (the newest, partial one).
+Summaries are kept per layer and extended page by page as decoding goes on.
 """
 
 from __future__ import annotations
@@ -16,43 +17,46 @@ import torch
 import torch.nn.functional as F
 
 
+def key_boxes(keys: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[..., 2·D]`` float32: the box of the keys along `dim` (midpoint, then half-range, per coordinate D); the
+    coordinates are the last axis once `dim` is reduced."""
+    low, high = keys.amin(dim).float(), keys.amax(dim).float()
+    return torch.cat([(high + low) / 2, (high - low) / 2], -1)
+
+
 @dataclass
 class PageSummary:
-    """Key min and max ``[B, Hkv, P, D]`` of the first P full pages of one layer's cache."""
+    """The key boxes ``[B, Hkv, P, 2·D]`` (`key_boxes`) of the first P full pages of one layer's cache."""
 
-    low: torch.Tensor
-    high: torch.Tensor
+    boxes: torch.Tensor
 
     @property
     def pages(self) -> int:
-        return self.low.shape[2]
+        return self.boxes.shape[2]
 
 
 def summarize(k: torch.Tensor, page_size: int, summary: PageSummary | None) -> PageSummary:
     """`summary` extended to every full page of k ``[B, Hkv, L, D]`` (a new one when it does not fit k)."""
     b, hkv, length, d = k.shape
     full = length // page_size
-    if summary is not None and summary.low.shape[:2] == (b, hkv) and summary.pages <= full:
+    if summary is not None and summary.boxes.shape[:2] == (b, hkv) and summary.pages <= full:
         done = summary.pages
     else:
         summary, done = None, 0
     if done == full and summary is not None:
         return summary
-    new = k[:, :, done * page_size: full * page_size].reshape(b, hkv, full - done, page_size, d)
-    low, high = new.amin(3), new.amax(3)
-    if summary is not None:
-        low, high = torch.cat([summary.low, low], 2), torch.cat([summary.high, high], 2)
-    return PageSummary(low, high)
+    boxes = key_boxes(k[:, :, done * page_size: full * page_size].reshape(b, hkv, full - done, page_size, d), 3)
+    return PageSummary(boxes if summary is None else torch.cat([summary.boxes, boxes], 2))
 
 
-def page_bounds(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+def page_bounds(q: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """``[B, Hkv, P]`` float32: per KV head, the sum over its query heads of the bound on each page's best score.
-    q ``[B, H, D]``; low, high ``[B, Hkv, P, D]``: the pages' key min and max."""
+    q ``[B, H, D]``; boxes ``[B, Hkv, P, 2·D]``: the pages' key boxes (`key_boxes`)."""
     b, h, d = q.shape
-    hkv = low.shape[1]
-    qg = q.view(b, hkv, h // hkv, 1, d).float()
-    bound = torch.maximum(qg * low[:, :, None].float(), qg * high[:, :, None].float())
-    return bound.sum(-1).sum(2)
+    hkv = boxes.shape[1]
+    qg = q.view(b, hkv, h // hkv, d).float()
+    weights = torch.cat([qg.sum(2), qg.abs().sum(2)], -1)  # [B, Hkv, 2·D]
+    return (boxes @ weights[..., None]).squeeze(-1)
 
 
 def select_pages(q: torch.Tensor, summary: PageSummary, length: int, page_size: int,
@@ -61,8 +65,8 @@ def select_pages(q: torch.Tensor, summary: PageSummary, length: int, page_size: 
     page, the best-bounded full pages between them (`pages` + 1 full pages in all) and every page not summarized.
     q ``[B, H, D]``; `length` keys in the cache."""
     b = q.shape[0]
-    hkv = summary.low.shape[1]
-    bound = page_bounds(q, summary.low, summary.high)
+    hkv = summary.boxes.shape[1]
+    bound = page_bounds(q, summary.boxes)
     bound[..., [0, -1]] = math.inf  # the sink and the local context (when a full page exists)
     chosen = bound.topk(min(pages + 1, summary.pages), dim=-1).indices
     tail = torch.arange(summary.pages, math.ceil(length / page_size), device=q.device)

@@ -104,9 +104,9 @@ class SparseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             config = None
         self.sparse = config
         self.decode_pages = config.decode_pages if config is not None else 0
-        if self.decode_pages and self.block_size % config.block_size:
+        if self.decode_pages and self.block_size % config.decode_page_size:
             logger.warning("llmopt sparse attention: vLLM's block size %d is not a multiple of the sparse page size "
-                           "%d; decode runs dense", self.block_size, config.block_size)
+                           "%d; decode runs dense", self.block_size, config.decode_page_size)
             self.decode_pages = 0
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -198,7 +198,7 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
                        config: SparseAttentionConfig) -> torch.Tensor:
         """query ``[R, H, D]``, one decode token per request → output ``[R, H, D]``."""
         if self.bounds is None or not self.bounds.covers(kv_cache):
-            self.bounds = PagedKeyBounds(kv_cache, config.block_size)
+            self.bounds = PagedKeyBounds(kv_cache, config.decode_page_size)
         return paged_sparse_decode(query, kv_cache, rows.block_table, rows.seq_lens, self.bounds,
                                    config.decode_pages, self.scale)
 

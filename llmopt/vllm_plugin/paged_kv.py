@@ -33,13 +33,16 @@ def page_keys(kv_cache: torch.Tensor, page_size: int) -> torch.Tensor:
     return keys.unflatten(-1, (d, block_size // page_size, page_size))
 
 
-def read_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor,
-                heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k transposed ``[*S, D, block_size]``, v ``[*S, block_size, D]``) of KV head `heads` in cache block
-    `blocks` (broadcast together to shape S): whole blocks, one contiguous copy each, which is much faster than
-    gathering parts of them."""
-    num_blocks, hkv, block_size, two_d = kv_cache.shape
-    d = two_d // 2
-    blocks, heads = torch.broadcast_tensors(blocks.long(), heads.long())
-    read = kv_cache.view(num_blocks * hkv, 2, block_size * d).index_select(0, (blocks * hkv + heads).flatten())
-    return read[:, 0].view(*blocks.shape, d, block_size), read[:, 1].view(*blocks.shape, block_size, d)
+def read_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, pages: torch.Tensor, heads: torch.Tensor,
+               page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k transposed ``[*S, D, page_size]``, v ``[*S, page_size, D]``) of KV head `heads`, page `pages` (of
+    `page_size` positions, a divisor of the block size) of cache block `blocks`, all broadcast to shape S: one
+    row gather each, rows of ``page_size`` keys (K is stored transposed) and of a whole page of values."""
+    hkv, block_size, two_d = kv_cache.shape[1:]
+    d, per_block = two_d // 2, block_size // page_size
+    blocks, pages, heads = torch.broadcast_tensors(blocks.long(), pages.long(), heads.long())
+    cell = (blocks * hkv + heads) * 2  # the (block, head) K then V, each block_size · D elements
+    key_rows = ((cell * d)[..., None] + torch.arange(d)) * per_block + pages[..., None]  # [*S, D]
+    k = kv_cache.view(-1, page_size).index_select(0, key_rows.flatten())
+    v = kv_cache.view(-1, page_size * d).index_select(0, ((cell + 1) * per_block + pages).flatten())
+    return k.view(*blocks.shape, d, page_size), v.view(*blocks.shape, page_size, d)
