@@ -303,6 +303,32 @@ def test_sparse_section_times_vllm_decode_of_the_sparse_checkpoint_against_the_o
     assert row.claim == "vLLM decode, batch 2, context 1536+32, decodes dense (18 of 25 pages would be read)"
 
 
+def test_sparse_section_times_the_whole_sparse_model_against_the_original_in_transformers(monkeypatch):
+    import torch
+
+    from llmopt import patch_model
+    from llmopt.bench import sparse_attention
+    from llmopt.bench.settings import QUICK
+    from llmopt.sparse.config import SparseAttentionConfig
+
+    generator = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(sparse_attention, "heldout_tokens",
+                        lambda _tokenizer, length: torch.randint(1, 97, (1, length), generator=generator))
+    model = tiny_model()
+    config = SparseAttentionConfig(block_size=16, mass=0.5, min_seq_len=48, decode_pages=2, decode_max_density=1.0)
+    settings = dataclasses.replace(QUICK, sparse_generate=100, decode_tokens=6, repeats=2)
+    rows, agreement = sparse_attention.generate_rows(model, None, config, settings)
+    assert [row.claim for row in rows] == ["whole model in transformers, prefill of 100 tokens",
+                                           "whole model in transformers, greedy decode after it, batch 1, "
+                                           "pages read 0.57"]
+    assert [row.original.samples for row in rows] == [2, 2] and all(row.ratio.median > 0 for row in rows)
+    assert "of 6 equal the dense model's" in agreement
+    assert not hasattr(model, "llmopt_sparse_stats")  # the original stays dense; a patched copy ran sparse
+    speed = sparse_attention.generate_speed({"sparse": patch_model(model, config)}, torch.randint(1, 97, (1, 100)),
+                                            6, repeats=1, warmup=0)
+    assert len(speed["sparse"]["tokens"]) == 6 and model.llmopt_sparse_stats.calls["torch-decode"] == 3 * 5
+
+
 def test_an_engine_job_that_times_out_takes_its_child_processes_with_it(tmp_path):
     """vLLM's engine core and workers are children of the job's process: a timeout must stop them too."""
     import os

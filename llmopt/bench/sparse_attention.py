@@ -7,15 +7,19 @@ picks the density it would pick in use; lengths past the model's 8192 positions 
 turns within each round (each summed over the layers). The sparse path is PyTorch on CPU and the Triton kernel
 when CUDA is present. Decode (when the recipe sets `decode_pages`): the last query of each layer over the whole
 cache, dense SDPA against page selection (the page summaries extended by the newest page, as in generation) plus
-the sparse decode, `DECODE_STEPS` steps per timing.
+the sparse decode, `DECODE_STEPS` steps per timing. Whole model: the original and the sparse model in transformers,
+prefill of one held-out prompt and the greedy decode after it, taking turns.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llmopt.bench.results import Row, SectionResult, Series
 from llmopt.bench.timing import Spread, ratio, timed_rounds
@@ -99,6 +103,55 @@ def bench_decode(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
     indices, _ = select_pages(q[:, :, 0], summarize(k, page, earlier), k.shape[2], page, config.decode_pages)
     return {**timed_rounds({"dense": dense, "sparse": sparse}, repeats, warmup),
             "density": indices.shape[-1] / -(-k.shape[2] // page)}
+
+
+@torch.no_grad()
+def generate_speed(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, repeats: int,
+                   warmup: int) -> dict[str, dict[str, list]]:
+    """Per model, taking turns each round: seconds of the prefill of ``prompt [1, L]`` (``"prefill"``), greedy
+    decode tokens per second of the `new_tokens` - 1 steps after it (``"decode"``), fed one by one through the KV
+    cache as `generate()` feeds them, and the greedy tokens of the last round (``"tokens"``)."""
+    result = {name: {"prefill": [], "decode": [], "tokens": []} for name in models}
+    for round_ in range(warmup + repeats):
+        for name, model in models.items():
+            started = time.perf_counter()
+            out = model(prompt, use_cache=True, logits_to_keep=1)
+            prefilled = time.perf_counter()
+            tokens = [out.logits[:, -1:].argmax(-1)]
+            for _ in range(new_tokens - 1):
+                out = model(tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+                tokens.append(out.logits[:, -1:].argmax(-1))
+            if round_ >= warmup:
+                result[name]["prefill"].append(prefilled - started)
+                result[name]["decode"].append((new_tokens - 1) / (time.perf_counter() - prefilled))
+                result[name]["tokens"] = torch.cat(tokens, 1)[0].tolist()
+    return result
+
+
+def generate_rows(model: nn.Module, tokenizer, config, settings) -> tuple[list[Row], str]:
+    """Rows of the whole model's prefill and greedy decode in transformers, sparse vs dense (the original), and a
+    note on how far their greedy tokens agree."""
+    from llmopt import patch_model
+
+    length, new_tokens = settings.sparse_generate, settings.decode_tokens
+    sparse = patch_model(copy.deepcopy(model), config)
+    prompt = heldout_tokens(tokenizer, length).to(next(model.parameters()).device)
+    r = generate_speed({"dense": model, "sparse": sparse}, prompt, new_tokens, settings.repeats, settings.warmup)
+    context = length + new_tokens // 2
+    read, pages = config.decode_pages_read(context)
+    reads = (f"pages read {read / pages:.2f}" if config.decode_pages and config.decodes_sparse(context)
+             else "decodes dense")
+    rows = [Row(f"whole model in transformers, prefill of {length} tokens", "s", Spread.of(r["dense"]["prefill"]),
+                Spread.of(r["sparse"]["prefill"]), ratio(r["dense"]["prefill"], r["sparse"]["prefill"])),
+            Row(f"whole model in transformers, greedy decode after it, batch 1, {reads}", "tokens/s",
+                Spread.of(r["dense"]["decode"]), Spread.of(r["sparse"]["decode"]),
+                ratio(r["sparse"]["decode"], r["dense"]["decode"]))]
+    same = [a == b for a, b in zip(r["dense"]["tokens"], r["sparse"]["tokens"])]
+    agreement = (f"Greedy tokens after the {length}-token prompt: the sparse model's first "
+                 f"{same.index(False) if False in same else len(same)} of {len(same)} equal the dense model's "
+                 f"({sum(same)} in all): a small change to the logits can flip a greedy choice, after which the texts "
+                 "part; decode perplexity (`llmopt eval --tasks long`) measures the quality.")
+    return rows, agreement
 
 
 def kernel_name(device: torch.device) -> str:
@@ -205,6 +258,10 @@ def run(bench) -> SectionResult:
         + ". KV heads on the vertical-slash pattern: "
         + ", ".join(f"{r['vertical_slash']:.0%} at {n}" for n, r in measured.items()) + ".",
     ]
+    bench.progress(f"whole model in transformers: prefill of {settings.sparse_generate} tokens and greedy decode")
+    rows, agreement = generate_rows(model, tokenizer, config, settings)
+    result.rows += rows
+    result.notes.append(agreement)
     if decoded:
         result.notes.append(f"Decode keeps, per KV head, the first page, {config.decode_pages} more pages of "
                             f"{config.decode_page_size} keys (the newest full one and the best-bounded others: "
