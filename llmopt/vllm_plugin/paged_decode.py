@@ -19,14 +19,14 @@ from llmopt.vllm_plugin.paged_kv import page_keys, read_pages
 
 
 class PagedKeyBounds:
-    """Per-page key boxes ``[num_pages, Hkv, 2·D]`` (`key_boxes`) of one layer's paged cache, page = block ·
-    per_block + offset, filled on demand."""
+    """Per-page key boxes ``[Hkv, num_pages, 2·D]`` (`key_boxes`; head first, so a request's pages gather into
+    one contiguous run per head) of one layer's paged cache, page = block · per_block + offset, filled on demand."""
 
     def __init__(self, kv_cache: torch.Tensor, page_size: int) -> None:
         num_blocks, hkv, block_size, two_d = kv_cache.shape
         self.page_size, self.per_block = page_size, block_size // page_size
-        self.boxes = torch.empty(num_blocks * self.per_block, hkv, two_d)
-        self.valid = torch.zeros(len(self.boxes), dtype=torch.bool)
+        self.boxes = torch.empty(hkv, num_blocks * self.per_block, two_d)
+        self.valid = torch.zeros(self.boxes.shape[1], dtype=torch.bool)
         self.cache = (kv_cache.data_ptr(), kv_cache.shape)
 
     def covers(self, kv_cache: torch.Tensor) -> bool:
@@ -42,9 +42,9 @@ class PagedKeyBounds:
         missing = wanted[~self.valid[wanted]].unique()
         if len(missing):
             keys = page_keys(kv_cache, self.page_size)[missing // self.per_block, :, :, missing % self.per_block]
-            self.boxes[missing] = key_boxes(keys, -1)  # keys [n, Hkv, D, page]
+            self.boxes[:, missing] = key_boxes(keys, -1).transpose(0, 1)  # keys [n, Hkv, D, page]
             self.valid[missing] = True
-        return self.boxes[pages].transpose(1, 2)
+        return self.boxes.index_select(1, wanted).view(len(self.boxes), *pages.shape, -1).transpose(0, 1)
 
 
 def paged_sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
