@@ -233,7 +233,8 @@ def test_plain_model_is_served_exactly_as_without_the_plugin(tmp_path, prompts):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_sparse_checkpoint_gives_the_greedy_tokens_of_the_sparse_model_in_transformers(tmp_path, prompts):
-    """Sparse prefill and sparse decode (sink, 2 of 16 pages and the partial one, per KV head) as transformers runs them."""
+    """Sparse prefill and sparse decode (the sink, 2 more pages of 16 keys and the partial one, per KV head) as
+    transformers runs them."""
     dense, prefill_only = tiny_model(**SHAPE), patch_model(tiny_model(**SHAPE), SPARSE)
     sparse = patch_model(tiny_model(**SHAPE), dataclasses.replace(SPARSE, decode_pages=2, decode_max_density=1.0))
     expected = {name: greedy(sparse, ids) for name, ids in prompts.items()}

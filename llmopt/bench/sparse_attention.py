@@ -105,6 +105,14 @@ def bench_decode(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
             "density": indices.shape[-1] / -(-k.shape[2] // page)}
 
 
+def decode_reads(config, context: int) -> str:
+    """How the sparse model's decode step over a `context`-token cache reads it, for a row's claim."""
+    read, pages = config.decode_pages_read(context)
+    if config.decodes_sparse(context):
+        return f"pages read {read / pages:.2f}"
+    return f"decodes dense ({read} of {pages} pages would be read)" if config.decode_pages else "decodes dense"
+
+
 @torch.no_grad()
 def generate_speed(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, repeats: int,
                    warmup: int) -> dict[str, dict[str, list]]:
@@ -137,10 +145,7 @@ def generate_rows(model: nn.Module, tokenizer, config, settings) -> tuple[list[R
     sparse = patch_model(copy.deepcopy(model), config)
     prompt = heldout_tokens(tokenizer, length).to(next(model.parameters()).device)
     r = generate_speed({"dense": model, "sparse": sparse}, prompt, new_tokens, settings.repeats, settings.warmup)
-    context = length + new_tokens // 2
-    read, pages = config.decode_pages_read(context)
-    reads = (f"pages read {read / pages:.2f}" if config.decode_pages and config.decodes_sparse(context)
-             else "decodes dense")
+    reads = decode_reads(config, length + new_tokens // 2)
     rows = [Row(f"whole model in transformers, prefill of {length} tokens", "s", Spread.of(r["dense"]["prefill"]),
                 Spread.of(r["sparse"]["prefill"]), ratio(r["dense"]["prefill"], r["sparse"]["prefill"])),
             Row(f"whole model in transformers, greedy decode after it, batch 1, {reads}", "tokens/s",
@@ -205,10 +210,7 @@ def vllm_decode_row(bench, config) -> Row:
         job = {"model": str(directory), "dtype": bench.vllm_dtype, "max_num_seqs": batch,
                "max_model_len": prompt + task["output"], "kv_space_gib": 2, "tasks": [task]}
         steps[name] = [1 / s for s in step_seconds(run_engine(job, bench.log)["tasks"][0])]
-    context = prompt + task["output"] // 2
-    read, pages = config.decode_pages_read(context)
-    reads = (f"pages read {read / pages:.2f}" if config.decodes_sparse(context)
-             else f"decodes dense ({read} of {pages} pages would be read)")
+    reads = decode_reads(config, prompt + task["output"] // 2)
     return Row(f"vLLM decode, batch {batch}, context {prompt}+{task['output']}, {reads}", "steps/s",
                Spread.of(steps["original"]), Spread.of(steps["sparse"]), ratio(steps["sparse"], steps["original"]))
 
