@@ -59,18 +59,27 @@ def page_bounds(q: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(boxes, weights[:, :, None])  # 5x faster than a matmul with one column on CPU
 
 
+def choose_pages(bound: torch.Tensor, full: torch.Tensor, pages: int) -> torch.Tensor:
+    """``[B, Hkv, min(pages + 1, P)]`` page numbers, ascending: per KV head, the first and the newest full page and
+    the best-bounded full pages between them. bound ``[B, Hkv, P]`` (`page_bounds`, changed in place); full ``[B]``:
+    how many of the P pages are full in each sequence (at least one; the bounds past them are ignored)."""
+    past = torch.arange(bound.shape[-1], device=bound.device) >= full[:, None]
+    bound.masked_fill_(past[:, None], -math.inf)
+    bound[..., 0] = math.inf  # the sink
+    bound.scatter_(-1, (full - 1).view(-1, 1, 1).expand(-1, bound.shape[1], 1), math.inf)  # the local context
+    return bound.topk(min(pages + 1, bound.shape[-1]), dim=-1).indices.sort(-1).values
+
+
 def select_pages(q: torch.Tensor, summary: PageSummary, length: int, page_size: int,
                  pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(page_indices ``[B, Hkv, K]``, page_counts ``[B, Hkv]``) int32, ascending: the first and the newest full
-    page, the best-bounded full pages between them (`pages` + 1 full pages in all) and every page not summarized.
-    q ``[B, H, D]``; `length` keys in the cache."""
+    """(page_indices ``[B, Hkv, K]``, page_counts ``[B, Hkv]``) int32, ascending: the full pages `choose_pages`
+    keeps and every page not summarized. q ``[B, H, D]``; `length` keys in the cache."""
     b = q.shape[0]
     hkv = summary.boxes.shape[1]
-    bound = page_bounds(q, summary.boxes)
-    bound[..., [0, -1]] = math.inf  # the sink and the local context (when a full page exists)
-    chosen = bound.topk(min(pages + 1, summary.pages), dim=-1).indices
+    full = torch.full((b,), summary.pages, device=q.device)
+    chosen = choose_pages(page_bounds(q, summary.boxes), full, pages)
     tail = torch.arange(summary.pages, math.ceil(length / page_size), device=q.device)
-    indices = torch.cat([chosen.sort(-1).values, tail.expand(b, hkv, -1)], -1).to(torch.int32)
+    indices = torch.cat([chosen, tail.expand(b, hkv, -1)], -1).to(torch.int32)
     return indices, torch.full((b, hkv), indices.shape[-1], dtype=torch.int32, device=q.device)
 
 

@@ -9,12 +9,10 @@ written slots invalidate their pages before anything is read. Pages reused from 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from llmopt.sparse.decode import key_boxes, page_bounds
+from llmopt.sparse.decode import choose_pages, key_boxes, page_bounds
 from llmopt.vllm_plugin.paged_kv import page_keys, read_pages
 
 
@@ -55,14 +53,10 @@ def paged_sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     hkv, size = kv_cache.shape[1], bounds.page_size
     full = seq_lens.long() // size
     local = torch.arange(int(full.max()))
-    is_full = local[None] < full[:, None]  # [R, P]
-    local = torch.where(is_full, local, 0)
+    local = torch.where(local[None] < full[:, None], local, 0)  # [R, P]: each request's full pages (then page 0)
     table = block_table.long()
     numbers = table.gather(1, local // bounds.per_block) * bounds.per_block + local % bounds.per_block
-    bound = page_bounds(q, bounds.lookup(kv_cache, numbers)).masked_fill(~is_full[:, None], -math.inf)
-    bound[..., 0] = math.inf  # the sink
-    bound.scatter_(-1, (full - 1)[:, None, None].expand(-1, hkv, 1), math.inf)  # the newest full page
-    chosen = bound.topk(pages + 1, dim=-1).indices
+    chosen = choose_pages(page_bounds(q, bounds.lookup(kv_cache, numbers)), full, pages)
     selected = torch.cat([chosen, full[:, None, None].expand(-1, hkv, 1)], -1)  # and the partial page [R, Hkv, K]
     column = selected // bounds.per_block  # the page's block in the request's table
     blocks = table.gather(1, column.clamp(max=table.shape[1] - 1).flatten(1)).view_as(selected)
