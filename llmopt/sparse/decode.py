@@ -59,15 +59,19 @@ def page_bounds(q: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(boxes, weights[:, :, None])  # 5x faster than a matmul with one column on CPU
 
 
-def choose_pages(bound: torch.Tensor, full: torch.Tensor, pages: int) -> torch.Tensor:
-    """``[B, Hkv, min(pages + 1, P)]`` page numbers, ascending: per KV head, the first and the newest full page and
-    the best-bounded full pages between them. bound ``[B, Hkv, P]`` (`page_bounds`, changed in place); full ``[B]``:
-    how many of the P pages are full in each sequence (at least one; the bounds past them are ignored)."""
-    past = torch.arange(bound.shape[-1], device=bound.device) >= full[:, None]
-    bound.masked_fill_(past[:, None], -math.inf)
+def choose_pages(bound: torch.Tensor, pages: int, full: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, Hkv, min(pages + 1, P)]`` page numbers, in no order: per KV head, the first and the newest full page
+    and the best-bounded full pages between them. bound ``[B, Hkv, P]`` (`page_bounds`, changed in place); full
+    ``[B]``: how many of the P pages are full in each sequence (at least one; the bounds past them are ignored),
+    None when all P are in every sequence (one length per batch: fewer ops on the decode step)."""
+    if full is None:
+        bound[..., -1] = math.inf  # the local context
+    else:
+        past = torch.arange(bound.shape[-1], device=bound.device) >= full[:, None]
+        bound.masked_fill_(past[:, None], -math.inf)
+        bound.scatter_(-1, (full - 1).view(-1, 1, 1).expand(-1, bound.shape[1], 1), math.inf)  # the local context
     bound[..., 0] = math.inf  # the sink
-    bound.scatter_(-1, (full - 1).view(-1, 1, 1).expand(-1, bound.shape[1], 1), math.inf)  # the local context
-    return bound.topk(min(pages + 1, bound.shape[-1]), dim=-1).indices.sort(-1).values
+    return bound.topk(min(pages + 1, bound.shape[-1]), dim=-1).indices
 
 
 def select_pages(q: torch.Tensor, summary: PageSummary, length: int, page_size: int,
@@ -76,8 +80,7 @@ def select_pages(q: torch.Tensor, summary: PageSummary, length: int, page_size: 
     keeps and every page not summarized. q ``[B, H, D]``; `length` keys in the cache."""
     b = q.shape[0]
     hkv = summary.boxes.shape[1]
-    full = torch.full((b,), summary.pages, device=q.device)
-    chosen = choose_pages(page_bounds(q, summary.boxes), full, pages)
+    chosen = choose_pages(page_bounds(q, summary.boxes), pages).sort(-1).values
     tail = torch.arange(summary.pages, math.ceil(length / page_size), device=q.device)
     indices = torch.cat([chosen, tail.expand(b, hkv, -1)], -1).to(torch.int32)
     return indices, torch.full((b, hkv), indices.shape[-1], dtype=torch.int32, device=q.device)

@@ -56,7 +56,7 @@ def paged_sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     local = torch.where(local[None] < full[:, None], local, 0)  # [R, P]: each request's full pages (then page 0)
     table = block_table.long()
     numbers = table.gather(1, local // bounds.per_block) * bounds.per_block + local % bounds.per_block
-    chosen = choose_pages(page_bounds(q, bounds.lookup(kv_cache, numbers)), full, pages)
+    chosen = choose_pages(page_bounds(q, bounds.lookup(kv_cache, numbers)), pages, full)
     selected = torch.cat([chosen, full[:, None, None].expand(-1, hkv, 1)], -1)  # and the partial page [R, Hkv, K]
     column = selected // bounds.per_block  # the page's block in the request's table
     blocks = table.gather(1, column.clamp(max=table.shape[1] - 1).flatten(1)).view_as(selected)
