@@ -153,6 +153,28 @@ def test_runner_moves_a_finished_folder_into_place(tmp_path, capsys):
         run_bench("smollm2-135m", out, recipe=tmp_path / "kv.yaml", sections=["calibration"])
 
 
+def test_cached_checkpoint_is_built_again_when_its_recipe_changes(tmp_path, monkeypatch):
+    from llmopt.bench import compressed
+
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "cache"))
+    built = []
+
+    def build(model_name, recipe, out_dir):
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        built.append(Path(recipe).read_text())
+        return 1.0
+
+    monkeypatch.setattr(compressed, "build_optimized", build)
+    recipe = tmp_path / "routing.yaml"
+    recipe.write_text("routing:\n  sparsity: 0.3\n")
+    first, seconds = compressed.cached_optimized("smollm2-135m", recipe)
+    assert seconds == 1.0 and compressed.cached_optimized("smollm2-135m", recipe) == (first, None)
+    recipe.write_text("routing:\n  sparsity: 0.15\n")
+    second, seconds = compressed.cached_optimized("smollm2-135m", recipe)
+    assert second != first and seconds == 1.0 and len(built) == 2
+
+
 def _engine_results(tokens: int, step_s: float) -> dict:
     """What `vllm_measurements` returns for one model, made up: `step_s` per decode step per sequence."""
     decode = [{"kind": "decode", "batch": b, "prompt": p, "output": 16, "prefill_s": [0.05 * b, 0.06 * b],

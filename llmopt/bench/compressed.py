@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import time
@@ -28,8 +29,10 @@ def build_optimized(model_name: str, recipe: str | Path, out_dir: Path) -> float
 
 def cached_optimized(model_name: str, recipe: str | Path) -> tuple[Path, float | None]:
     """(directory, calibration seconds if it was built now, else None): `model_name` with `recipe` applied,
-    cached under ``<cache>/bench/<model>-<recipe>`` so that repeated benches do not calibrate again."""
-    target = cache_dir() / "bench" / f"{Path(model_name).name}-{Path(recipe).stem}"
+    cached under ``<cache>/bench/<model>-<recipe>-<hash of the recipe's text>`` so that repeated benches do not
+    calibrate again, and an edited recipe is built anew."""
+    digest = hashlib.sha256(Path(recipe).read_bytes()).hexdigest()[:12]
+    target = cache_dir() / "bench" / f"{Path(model_name).name}-{Path(recipe).stem}-{digest}"
     if (target / "config.json").is_file():
         return target, None
     target.parent.mkdir(parents=True, exist_ok=True)
