@@ -17,11 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
+from llmopt.errors import ConfigError
+
 FORMAT_VERSION = 2
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used as written; the message says which field and what to change."""
 
 
 def require(condition: bool, message: str) -> None:

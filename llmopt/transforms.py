@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
-from llmopt.config import ConfigError
+from llmopt.errors import ConfigError
 
 ENTRY_POINT_GROUP = "llmopt.transforms"
 Observer = Callable[[str, nn.Module, dict], None]  # (stage, model, facts about the stage)

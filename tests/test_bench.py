@@ -250,7 +250,7 @@ def test_routing_section_times_a_routed_checkpoint(tmp_path, monkeypatch):
     import torch
 
     from llmopt import OptimizationConfig, TokenRoutingConfig, patch_model, save_optimized
-    from llmopt.bench import routing, sparse_attention
+    from llmopt.bench import prompts, routing
     from llmopt.bench.runner import Bench
     from llmopt.bench.settings import QUICK
 
@@ -259,7 +259,7 @@ def test_routing_section_times_a_routed_checkpoint(tmp_path, monkeypatch):
     patch_model(model, OptimizationConfig(routing=config))
     save_optimized(model, tmp_path / "tiny-routed")
     generator = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(sparse_attention, "heldout_tokens",
+    monkeypatch.setattr(prompts, "heldout_tokens",
                         lambda _tokenizer, length: torch.randint(1, 97, (1, length), generator=generator))
     bench = Bench("tiny", tmp_path / "kv.yaml", QUICK, tmp_path)
     bench.shared["checkpoint:routing-30.yaml"] = tmp_path / "tiny-routed"

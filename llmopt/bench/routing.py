@@ -53,7 +53,7 @@ def decode_tokens_per_second(model: nn.Module, router: TokenRouter, ids: torch.T
 
 @torch.no_grad()
 def transformers_speed(bench, checkpoint) -> dict:
-    from llmopt.bench.sparse_attention import heldout_tokens
+    from llmopt.bench.prompts import heldout_tokens
     from llmopt.checkpoint import load_optimized
     from llmopt.record import read_record
     from llmopt.routing.transform import TokenRouting

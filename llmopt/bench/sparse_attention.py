@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmopt.bench.prompts import heldout_tokens
 from llmopt.bench.results import Row, SectionResult, Series
 from llmopt.bench.timing import Spread, ratio, timed_rounds
 
@@ -31,18 +32,6 @@ QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 class _Captured(Exception):
     """Stops the forward pass once the last wanted layer is captured."""
-
-
-def heldout_tokens(tokenizer, length: int) -> torch.Tensor:
-    """``[1, length]`` token ids of held-out Wikipedia articles, concatenated."""
-    from llmopt.data.corpora import corpus_split
-
-    ids: list[int] = []
-    for article in corpus_split("wikipedia", "heldout"):
-        ids += tokenizer(article + "\n\n")["input_ids"]
-        if len(ids) >= length:
-            return torch.tensor([ids[:length]])
-    raise ValueError(f"the held-out articles hold only {len(ids)} tokens, fewer than {length}")
 
 
 @torch.no_grad()

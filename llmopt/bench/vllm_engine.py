@@ -102,7 +102,7 @@ def _text(llm, task: dict, vocab: int) -> dict:
 
     from transformers import AutoTokenizer
 
-    from llmopt.bench.sparse_attention import heldout_tokens
+    from llmopt.bench.prompts import heldout_tokens
     from llmopt.vllm_plugin import ROUTED_ARCHITECTURE
 
     length = task["prompt"]

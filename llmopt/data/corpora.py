@@ -66,7 +66,7 @@ def load_corpus(name: str) -> tuple[str, ...]:
     if name == "docs":
         from llmopt.data.docs import django_docs
 
-        return tuple(django_docs())
+        return tuple(django_docs(MIN_WORDS))
     with zipfile.ZipFile(package_file(GENSIM)) as wheel:
         if name == "news":
             lines = wheel.read(_NEWS).decode("latin-1").splitlines()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import tarfile
 
-from llmopt.data.corpora import MIN_WORDS
 from llmopt.data.packages import package_file
 
 DJANGO = "Django==5.1.4"
@@ -23,8 +22,8 @@ _LITERAL = re.compile(r"``([^`]+)``")
 _REFERENCE = re.compile(r"`([^`<]+?)\s*(?:<[^`>]*>)?`_{1,2}")
 
 
-def django_docs() -> list[str]:
-    """Every documentation page of at least `MIN_WORDS` words, as plain text, in path order."""
+def django_docs(min_words: int) -> list[str]:
+    """Every documentation page of at least `min_words` words, as plain text, in path order."""
     pages = []
     with tarfile.open(package_file(DJANGO, sdist=True)) as sdist:
         for member in sorted(sdist.getmembers(), key=lambda m: m.name):
@@ -32,7 +31,7 @@ def django_docs() -> list[str]:
             if "/docs/" not in name or not name.endswith(".txt") or any(s in name for s in _SKIPPED):
                 continue
             text = strip_rst(sdist.extractfile(member).read().decode("utf-8"))
-            if len(text.split()) >= MIN_WORDS:
+            if len(text.split()) >= min_words:
                 pages.append(text)
     return pages
 
