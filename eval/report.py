@@ -122,7 +122,10 @@ class Report:
                   f"pass (✓) when it reaches the metric's threshold ({self._thresholds_text()}). "
                   "± is the standard error."), ""]
         if self.run:
-            lines += ["Run: " + ", ".join(f"{key} {value}" for key, value in self.run.items()), ""]
+            flat = {key: value for key, value in self.run.items() if not isinstance(value, dict)}
+            lines += ["Run: " + ", ".join(f"{key} {value}" for key, value in flat.items()), ""]
+        if machine := self.run.get("machine"):
+            lines += ["Machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()), ""]
         head = ["task", "metric", "chance", f"{self.reference} (reference)"]
         for model in self.variants:
             head += [model, "retention"]

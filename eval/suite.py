@@ -194,16 +194,12 @@ def model_facts(model, tokenizer, reference_kv_bytes: int) -> dict:
 
 
 def run_facts(limit: int | None) -> dict:
-    """How the scores were made, so two reports can be told apart."""
-    from importlib.metadata import PackageNotFoundError, version
+    """How the scores were made, so two reports can be told apart: the command, the machine, the versions."""
+    from llmopt.bench.environment import command_line, git_commit, machine, package_version
 
-    facts: dict = {"limit": limit, "date": time.strftime("%Y-%m-%d %H:%M")}
-    for package in ("llmopt", "lm_eval", "torch", "transformers"):
-        try:
-            facts[package] = version(package)
-        except PackageNotFoundError:
-            facts[package] = None
-    return facts
+    facts: dict = {"limit": limit, "date": time.strftime("%Y-%m-%d %H:%M"), "command": command_line()}
+    facts |= {package: package_version(package) for package in ("llmopt", "lm_eval", "torch", "transformers")}
+    return facts | {"commit": git_commit(), "machine": machine()}
 
 
 def run_suite(models: dict[str, tuple], reference: str, tasks: list[str], limit: int | None,
