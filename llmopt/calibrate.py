@@ -140,7 +140,8 @@ def describe_diagnostics(transforms: dict[str, dict]) -> tuple[str, dict[str, by
             if isinstance(value, dict) and "curve" in value:
                 curve = value["curve"]
                 tail = curve[-10:]
-                lines += ["", f"{transform} {key}: {value['steps']} steps, {value['tokens']:,} tokens in "
+                bought = " (all its minutes budget bought)" if value.get("stopped_by_minutes") else ""
+                lines += ["", f"{transform} {key}: {value['steps']} steps{bought}, {value['tokens']:,} tokens in "
                               f"{value['seconds']:.0f} s; loss {curve[0]:.4f} → {sum(tail) / len(tail):.4f} "
                               "(mean of the last 10)"]
                 files[f"{transform}_{key}_curve.png"] = training_curve_png(curve, f"{transform} {key}")
