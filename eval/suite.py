@@ -278,15 +278,18 @@ def run_eval_command(args) -> int:
     from llmopt.eval.variants import is_recipe, load_variant, read_recipe, unique_labels
 
     from llmopt.models import load_model
+    from llmopt.models.loading import checked_source
 
     thresholds = parse_thresholds(args.threshold)
     tasks = checked_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     # everything that can be refused is refused before a model loads
-    for spec in [*args.model, *args.baselines]:
+    for spec in [args.reference, *args.model, *args.baselines]:
         if is_recipe(spec):
             read_recipe(spec)
+        else:
+            checked_source(spec)
     build_tasks([t for t in tasks if is_builtin(t)])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out or f"out/eval-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -15,7 +15,7 @@ from llmopt.checkpoint import save_optimized
 from llmopt.config import ConfigError, OptimizationConfig
 from llmopt.costs import model_costs
 from llmopt.offload import parse_max_memory, peak_resident_mib
-from llmopt.patch import diagnostics, patch_model
+from llmopt.patch import check_recipe, diagnostics, patch_model
 from llmopt.transforms import transform_for
 
 ORIGINAL, OURS = "original", "ours"
@@ -80,6 +80,8 @@ def _calibrate_loaded(args: argparse.Namespace, config: OptimizationConfig, mode
     from llmopt.eval.report import Report
     from llmopt.eval.suite import evaluate_model, model_facts, run_facts
 
+    for recipe in (config, *baselines.values()):  # a recipe the model or the text cannot take costs no measuring
+        check_recipe(model, recipe, tokenizer=tokenizer, calibration=texts)
     reference_kv = model_costs(model)["kv_bytes_per_token"]
     scores, facts = {}, {}
 
@@ -138,7 +140,8 @@ def describe_diagnostics(transforms: dict[str, dict]) -> tuple[str, dict[str, by
             if isinstance(value, dict) and "curve" in value:
                 curve = value["curve"]
                 tail = curve[-10:]
-                lines += ["", f"{transform} {key}: {value['steps']} steps, {value['tokens']:,} tokens in "
+                bought = " (all its minutes budget bought)" if value.get("stopped_by_minutes") else ""
+                lines += ["", f"{transform} {key}: {value['steps']} steps{bought}, {value['tokens']:,} tokens in "
                               f"{value['seconds']:.0f} s; loss {curve[0]:.4f} → {sum(tail) / len(tail):.4f} "
                               "(mean of the last 10)"]
                 files[f"{transform}_{key}_curve.png"] = training_curve_png(curve, f"{transform} {key}")

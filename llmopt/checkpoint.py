@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from llmopt.checkpoint_files import (CheckpointError, check_checkpoint, checkpoint_config, model_config,
+                                     weight_files)
 from llmopt.offload import is_offloaded
 from llmopt.patch import diagnostics
 from llmopt.record import ORIGINAL_ARCHITECTURES, RECORD_KEY, original_architectures, read_record
@@ -23,10 +25,6 @@ from llmopt.transforms import transform_for
 from llmopt.vllm_plugin.servable import vllm_architecture
 
 REPORT_FILE = "llmopt_report.json"
-
-
-class CheckpointError(ValueError):
-    """A directory that is not a complete, readable llmopt/HF checkpoint; the message says what is wrong."""
 
 
 def save_optimized(model: nn.Module, out_dir: str | Path, tokenizer=None, *, report: dict | None = None,
@@ -75,29 +73,18 @@ def load_optimized(path: str | Path, *, dtype: torch.dtype = torch.float32):
     The model is built from its config, each recorded transform rebuilds its structure, and the weights load
     strictly: a missing or unexpected tensor is an error.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a saved model (no config.json)")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_file} is corrupt (not JSON: {error}); re-save the model") from None
+    raw = checkpoint_config(path)
     record = read_record(raw)
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise CheckpointError(f"{path} holds no *.safetensors weights: the checkpoint is incomplete")
-    try:
-        hf_config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{config_file} is not a model config transformers can read: {error}") from None
+    weight_files(path)  # before the model is built: a missing shard needs no model to be seen
+    hf_config = model_config(path)
     hf_config.architectures = original_architectures(raw) or hf_config.architectures
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     for _, settings in (record.transforms.items() if record else ()):
         transform_for(settings).apply(model, settings)
-    load_weights_strictly(model, weights)
+    load_weights_strictly(model, check_checkpoint(path, model))
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer
 

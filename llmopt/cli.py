@@ -10,13 +10,18 @@ from llmopt.eval.suite import add_eval_arguments
 
 
 def _info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from llmopt.checkpoint_files import check_checkpoint
     from llmopt.models import resolve_model
     from llmopt.summary import model_summary
 
     source = resolve_model(args.model)
+    if Path(source).is_dir():
+        check_checkpoint(source)  # a damaged checkpoint is said to be one, not summarised
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
@@ -41,10 +46,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import importlib.util
-    import json
     import os
     from pathlib import Path
 
+    from llmopt.checkpoint_files import check_checkpoint, checkpoint_config
     from llmopt.models import resolve_model
     from llmopt.record import read_record
     from llmopt.vllm_plugin.servable import needs_plugin, served_by_plugin, unservable
@@ -55,11 +60,8 @@ def _serve(args: argparse.Namespace) -> int:
               "(CPU) or 'llmopt[serve]' (GPU)", file=sys.stderr)
         return 2
     model = resolve_model(args.model)
-    config_file = Path(model) / "config.json"
-    try:
-        record = read_record(json.loads(config_file.read_text())) if config_file.is_file() else None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_file} is not valid JSON ({error})") from None
+    local = Path(model).is_dir()
+    record = read_record(checkpoint_config(model)) if local else None
     cpu = cpu_build()
     refused, plugged = unservable(record, cpu), needs_plugin(record)
     if refused:
@@ -73,6 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
               f"VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS')!r} must name llmopt (or be unset), and llmopt must be "
               "installed (its entry point registers the plugin).", file=sys.stderr)
         return 2
+    if local:  # before vLLM starts: it would answer a damaged checkpoint with a traceback
+        check_checkpoint(model)
     env, dtype = dict(os.environ), args.dtype
     if cpu:
         defaults = cpu_defaults(env)

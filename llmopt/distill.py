@@ -27,13 +27,14 @@ from llmopt.precision import PRECISIONS, Precision, resolve_precision, training_
 @dataclass
 class DistillationConfig:
     """`steps` optimizer steps of `batch_size` windows of `seq_len` tokens, drawn in turn from `tokens` tokens of
-    calibration text, stopping early after `minutes` if given (then the result depends on the machine: steps are
+    calibration text: the same steps give the same model on any machine of a kind, however busy. `minutes`, if
+    given, also stops it early (then the result depends on how fast the machine was: the steps it bought are
     recorded). ``precision``: "bfloat16" runs forward and backward under bf16 autocast (weights stay float32);
     "auto" (the default) picks it where the device has bf16 arithmetic and float32 elsewhere (`llmopt.precision`).
-    ``report_minutes``: elapsed training minutes at which the caller measures the model (a quality-against-budget
-    curve from one run; the time spent measuring is not counted). ``cache_teacher``: keep the teacher's last
-    hidden state of every window it has seen (windows × seq_len × hidden size floats) when the steps will see a
-    window more than once; the same logits, fewer teacher passes."""
+    ``report_steps``: steps after which the caller measures the model (a quality-against-budget curve from one
+    run); ``report_minutes``: the same at elapsed training minutes (the time spent measuring is not counted).
+    ``cache_teacher``: keep the teacher's last hidden state of every window it has seen (windows × seq_len × hidden
+    size floats) when the steps will see a window more than once; the same logits, fewer teacher passes."""
 
     steps: int = 200
     minutes: float | None = None
@@ -43,6 +44,7 @@ class DistillationConfig:
     batch_size: int = 4
     warmup_steps: int = 10
     precision: Precision = "auto"
+    report_steps: list[int] = field(default_factory=list)
     report_minutes: list[float] = field(default_factory=list)
     cache_teacher: bool = True
 
@@ -61,6 +63,10 @@ class DistillationConfig:
         require_choice(where, "precision", self.precision, PRECISIONS)
         require(all(m > 0 for m in self.report_minutes) and self.report_minutes == sorted(self.report_minutes),
                 f"{where}.report_minutes must be positive and ascending, got {self.report_minutes}")
+        require(all(0 < step < self.steps for step in self.report_steps)
+                and self.report_steps == sorted(self.report_steps),
+                f"{where}.report_steps must be ascending and between 0 and steps ({self.steps}), got "
+                f"{self.report_steps}")
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -102,15 +108,17 @@ def only_trainable(model: nn.Module, params: list[nn.Parameter]):
 def distill(model: nn.Module, params: list[nn.Parameter] | list[dict], teacher: Callable[[], ContextManager],
             windows: torch.Tensor, config: DistillationConfig,
             loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-            desc: str = "distillation", checkpoint: Callable[[float], None] | None = None) -> dict:
+            desc: str = "distillation", checkpoint: Callable[[str, float], None] | None = None) -> dict:
     """Train `params` so that `model` matches itself under `teacher()` on batches of ``windows [n, seq_len]``.
 
     `params`: parameters, or groups of them (``{"params": [...], "scale": s}``: learning rate × s, default 1).
 
     `loss(model, student_logits, teacher_logits)` defaults to the KL divergence; a transform adds its own terms
-    (e.g. a sparsity penalty) by reading its modules' state. `checkpoint(minutes)` is called, the model in eval
-    mode and the clock stopped, as training time passes each of `config.report_minutes`. Returns ``{"steps",
-    "tokens", "precision", "seconds", "curve", "minute_steps"}`` (the step count at each reported minute).
+    (e.g. a sparsity penalty) by reading its modules' state. `checkpoint(mark, minutes)` is called, the model in
+    eval mode and the clock stopped, after each of `config.report_steps` (mark ``"50 steps"``) and as training time
+    passes each of `config.report_minutes` (mark ``"5 min"``), with the training minutes so far. Returns
+    ``{"steps", "tokens", "precision", "seconds", "curve", "minute_steps", "stopped_by_minutes"}`` (the step count
+    at each reported minute; whether `config.minutes` ended it before `config.steps`).
     """
     loss = loss or (lambda _model, student, target: kl_divergence(student, target))
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
@@ -122,7 +130,7 @@ def distill(model: nn.Module, params: list[nn.Parameter] | list[dict], teacher: 
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
     budget = None if config.minutes is None else config.minutes * 60
     curve: list[float] = []
-    marks, minute_steps = list(config.report_minutes), {}
+    marks, step_marks, minute_steps = list(config.report_minutes), list(config.report_steps), {}
     repeats = config.cache_teacher and config.steps * config.batch_size > len(windows)
     teacher_states: dict[int, torch.Tensor] | None = {} if repeats else None
     started, paused, was_training = time.perf_counter(), 0.0, model.training
@@ -131,8 +139,10 @@ def distill(model: nn.Module, params: list[nn.Parameter] | list[dict], teacher: 
             bar = tqdm(range(config.steps), desc=desc, unit="step")
             for step in bar:
                 elapsed = time.perf_counter() - started - paused
+                if step_marks and step == step_marks[0]:
+                    paused += _measure(model, checkpoint, f"{step_marks.pop(0)} steps", elapsed / 60)
                 while marks and elapsed >= marks[0] * 60:
-                    paused += _measure(model, checkpoint, marks[0])
+                    paused += _measure(model, checkpoint, f"{marks[0]:g} min", marks[0])
                     minute_steps[marks.pop(0)] = step
                 if budget is not None and elapsed > budget:
                     break
@@ -156,7 +166,8 @@ def distill(model: nn.Module, params: list[nn.Parameter] | list[dict], teacher: 
     finally:
         model.train(was_training)
     return {"steps": len(curve), "tokens": len(curve) * config.batch_size * windows.shape[1], "precision": precision,
-            "seconds": round(time.perf_counter() - started - paused, 1), "curve": curve, "minute_steps": minute_steps}
+            "seconds": round(time.perf_counter() - started - paused, 1), "curve": curve, "minute_steps": minute_steps,
+            "stopped_by_minutes": len(curve) < config.steps}
 
 
 def teacher_logits(model: nn.Module, teacher: Callable[[], ContextManager], windows: torch.Tensor,
@@ -176,11 +187,11 @@ def teacher_logits(model: nn.Module, teacher: Callable[[], ContextManager], wind
     return model.get_output_embeddings()(torch.stack([states[index] for index in pick]))
 
 
-def _measure(model: nn.Module, checkpoint: Callable[[float], None] | None, minutes: float) -> float:
-    """Run `checkpoint(minutes)` on the model in eval mode; the seconds it took."""
+def _measure(model: nn.Module, checkpoint: Callable[[str, float], None] | None, mark: str, minutes: float) -> float:
+    """Run `checkpoint(mark, minutes)` on the model in eval mode; the seconds it took."""
     started = time.perf_counter()
     if checkpoint is not None:
         model.eval()
-        checkpoint(minutes)
+        checkpoint(mark, minutes)
         model.train()
     return time.perf_counter() - started

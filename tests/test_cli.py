@@ -88,3 +88,44 @@ def test_training_minutes_sum_the_training_runs_the_transforms_report():
                "routing": {"training": {"seconds": 30.0, "curve": [2.0]}}}
     assert training_minutes(reports) == {"training_minutes": 12.5}
     assert training_minutes({"kv": {"fold_seconds": 50.0}}) == {}
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A tiny Llama (4 KV heads) and a tiny GPT-2, each with the default model's tokenizer, as calibrate loads them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+    from llmopt.models.default import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir("smollm2-135m"))
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=97))
+    paths = {}
+    for name, model in (("llama", tiny_model()), ("gpt2", gpt2)):
+        paths[name] = tmp_path_factory.mktemp(name) / "model"
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
+@pytest.mark.parametrize("model, recipe, text, message", [
+    ("llama", "kv:\n  num_kv_heads: 3\n", None, "3 KV heads do not divide the model's 4 KV heads"),
+    ("llama", "kv:\n  num_kv_heads: 2\n", "Too few words.", "the text holds 5 tokens, fewer than one window of 512"),
+    ("llama", "kv:\n  num_kv_heads: 2\n", "", "the text holds 0 tokens"),
+    ("gpt2", "kv:\n  num_kv_heads: 1\n", None, "architecture GPT2LMHeadModel is not supported"),
+    ("llama", "kv:\n  num_kv_heads: 2\n  method: mean-pool\nrouting:\n  dense_blocks: [7]\n", None,
+     "routing.dense_blocks [7] are not blocks of this 3-block model"),
+])
+def test_calibrate_checks_the_recipe_against_the_model_and_text_before_measuring(
+        tiny_dirs, tmp_path, capsys, monkeypatch, model, recipe, text, message):
+    import llmopt.eval.suite
+
+    monkeypatch.setattr(llmopt.eval.suite, "evaluate_model", lambda *a, **k: pytest.fail("measured before refusing"))
+    (tmp_path / "r.yaml").write_text(recipe)
+    args = ["calibrate", "--model", str(tiny_dirs[model]), "--config", str(tmp_path / "r.yaml"),
+            "--out", str(tmp_path / "o")]
+    if text is not None:
+        (tmp_path / "text.txt").write_text(text)
+        args += ["--calibration", str(tmp_path / "text.txt")]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

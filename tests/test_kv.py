@@ -258,3 +258,21 @@ def test_baselines_of_a_healed_recipe_are_plain_folds():
     baselines = KVCompression().baselines(config)
     assert set(baselines) == {"mean-pool", "svd-w", "keep-one"}
     assert all(b.layer_healing is None and b.healing is None for b in baselines.values())
+
+
+def test_report_steps_measure_the_model_after_that_many_steps(token_windows_tiny):
+    healing = HealingConfig(steps=6, seq_len=32, batch_size=4, tokens=512, warmup_steps=1, report_steps=[2, 5])
+    seen = []
+
+    def observe(stage, model, facts):
+        seen.append((stage, len(model.llmopt_progress)))
+
+    model = tiny_model()
+    model.llmopt_progress = []
+    model.register_forward_hook(lambda module, args, output: module.training and module.llmopt_progress.append(1))
+    patch_model(model, KVCompressionConfig(num_kv_heads=1, method="mean-pool", healing=healing),
+                calibration=token_windows_tiny, observer=observe)
+    assert seen == [("kv/training-free", 0), ("kv/healed 2 steps", 2), ("kv/healed 5 steps", 5)]
+    assert diagnostics(model)["kv"]["healing"]["stopped_by_minutes"] is False
+    with pytest.raises(ConfigError, match="report_steps must be ascending and between 0 and steps"):
+        HealingConfig(steps=6, report_steps=[6])

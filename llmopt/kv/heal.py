@@ -26,9 +26,10 @@ def attention_parameters(attentions: list[nn.Module], adapter: ArchAdapter, whic
 
 
 def heal_attention(model: nn.Module, config: HealingConfig, windows: torch.Tensor, adapter: ArchAdapter,
-                   original_attentions: list[nn.Module], checkpoint: Callable[[float], None] | None = None) -> dict:
+                   original_attentions: list[nn.Module],
+                   checkpoint: Callable[[str, float], None] | None = None) -> dict:
     """Train the attention projections on batches of ``windows [n, seq_len]`` for `config.steps` steps (or
-    `config.minutes`); returns the KL curve, steps and tokens seen. `checkpoint(minutes)`: see `distill`."""
+    `config.minutes`); returns the KL curve, steps and tokens seen. `checkpoint(mark, minutes)`: see `distill`."""
     layers = list(adapter.decoder_layers(model))
     return distill(model, attention_parameters(adapter.attention_modules(model), adapter, config.parameters),
                    lambda: swapped_submodules(layers, adapter.attention, original_attentions),

@@ -111,8 +111,8 @@ class KVCompression(Transform):
         details["fold_seconds"] = round(time.perf_counter() - started, 1)
         if heal_windows is not None:
             context.observe("training-free", model, training_minutes=0.0)
-            def checkpoint(minutes: float) -> None:
-                context.observe(f"healed {minutes:g} min", model, training_minutes=minutes)
+            def checkpoint(mark: str, minutes: float) -> None:
+                context.observe(f"healed {mark}", model, training_minutes=round(minutes, 2))
 
             details["healing"] = heal_attention(model, config.healing, heal_windows, adapter, originals, checkpoint)
         return details

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,6 +27,17 @@ def resolve_model(name_or_path: str) -> str:
     )
 
 
+def checked_source(name_or_path: str) -> str:
+    """`resolve_model`, and for a local directory `check_checkpoint`: a damaged checkpoint is refused, naming the
+    file and what is wrong, before anything loads."""
+    from llmopt.checkpoint_files import check_checkpoint
+
+    source = resolve_model(name_or_path)
+    if Path(source).is_dir():
+        check_checkpoint(source)
+    return source
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device_map: str | None = None,
                max_memory: dict[str | int, str] | None = None, offload_folder: str | Path | None = None):
     """Load ``(model, tokenizer)`` in eval mode. With `max_memory` (e.g. ``{"cpu": "300MiB"}``) the weights that
@@ -38,7 +48,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device_
     it dense."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_model(name_or_path)
+    source = checked_source(name_or_path)
     structural = structural_transforms(source)
     if structural:
         return _load_structural(source, structural, dtype, device_map, max_memory)
@@ -58,14 +68,11 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device_
 def structural_transforms(source: str) -> list[str]:
     """The transforms of an llmopt checkpoint in the directory `source` that are not vanilla (empty for anything
     else: a plain or KV-compressed model, a hub id)."""
+    from llmopt.checkpoint_files import checkpoint_config
     from llmopt.record import read_record
     from llmopt.transforms import transform_for
 
-    config_file = Path(source) / "config.json"
-    try:
-        record = read_record(json.loads(config_file.read_text())) if config_file.is_file() else None
-    except json.JSONDecodeError:
-        return []  # from_pretrained says what is wrong with it
+    record = read_record(checkpoint_config(source)) if (Path(source) / "config.json").is_file() else None
     return [name for name, settings in (record.transforms.items() if record else ())
             if not transform_for(settings).vanilla]
 
