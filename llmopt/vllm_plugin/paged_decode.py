@@ -10,10 +10,11 @@ written slots invalidate their pages before anything is read. Pages reused from 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from vllm import _custom_ops as ops
+from vllm import envs
 
 from llmopt.sparse.decode import choose_pages, key_boxes, page_bounds
-from llmopt.vllm_plugin.paged_kv import page_keys, read_pages
+from llmopt.vllm_plugin.paged_kv import gather_pages, page_keys
 
 
 class PagedKeyBounds:
@@ -48,7 +49,11 @@ class PagedKeyBounds:
 def paged_sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                         bounds: PagedKeyBounds, pages: int, scale: float) -> torch.Tensor:
     """One decode query per request, q ``[R, H, D]``, over the pages chosen from its context of `seq_lens [R]`
-    tokens (the current one included; each holds more than ``pages + 2`` pages) → o ``[R, H, D]``."""
+    tokens (the current one included; each holds more than ``pages + 2`` pages) → o ``[R, H, D]``.
+
+    The chosen pages are gathered into a paged cache of their own, blocks of one page, and attended by vLLM's C++
+    kernel (fewer, larger operations than a masked SDPA over gathered keys): each (request, KV head) is a request
+    of one KV head and its group's query heads, its pages in a row, the partial page last."""
     rows, h, d = q.shape
     hkv, size = kv_cache.shape[1], bounds.page_size
     full = seq_lens.long() // size
@@ -60,10 +65,31 @@ def paged_sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     selected = torch.cat([chosen, full[:, None, None].expand(-1, hkv, 1)], -1)  # and the partial page [R, Hkv, K]
     column = selected // bounds.per_block  # the page's block in the request's table
     blocks = table.gather(1, column.clamp(max=table.shape[1] - 1).flatten(1)).view_as(selected)
-    k, v = read_pages(kv_cache, blocks, selected % bounds.per_block, torch.arange(hkv)[:, None], size)
-    keys = k.transpose(-1, -2).reshape(rows, hkv, -1, d)  # [R, Hkv, K·page, D]
-    valid = (selected[..., None] * size + torch.arange(size)).flatten(2) < seq_lens[:, None, None]  # [R, Hkv, K·page]
-    dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
-    o = F.scaled_dot_product_attention(q.view(rows, hkv, h // hkv, d).to(dtype), keys.to(dtype),
-                                       v.flatten(2, 3).to(dtype), attn_mask=valid[:, :, None], scale=scale)
-    return o.reshape(rows, h, d).to(q.dtype)
+    key_cache, value_cache = gather_pages(kv_cache, blocks, selected % bounds.per_block,
+                                          torch.arange(hkv)[:, None], size)
+    count, n = selected.shape[-1], rows * hkv
+    # the partial page holds the keys past the full ones (none: the kernel reads no key of it)
+    lens = ((count - 1) * size + seq_lens.long() - full * size).to(torch.int32).repeat_interleave(hkv)
+    return one_query_attention(q.reshape(n, h // hkv, d), key_cache, value_cache, lens, scale).view(rows, h, d)
+
+
+def one_query_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, seq_lens: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """vLLM's CPU kernel for one query per request, q ``[N, G, D]``, over request i's `seq_lens[i]` first keys in
+    blocks ``[i·W, (i + 1)·W)`` of `key_cache` / `value_cache` ``[N·W, 1, block, D]`` (vLLM's layout, one KV
+    head) → o ``[N, G, D]``."""
+    n, g, d = q.shape
+    blocks, _, block_size, _ = key_cache.shape
+    starts = torch.arange(n + 1, dtype=torch.int32)
+    isa = "vec16" if block_size % 32 else "vec"  # vLLM's choice for the block size (both in LAYOUT_ISAS)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=n, num_heads=g, num_kv_heads=1, head_dim=d, seq_lens=seq_lens, dtype=q.dtype,
+        query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+    out = torch.empty_like(q)
+    ops.cpu_attention_with_kv_cache(
+        query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=starts,
+        seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
+        block_table=torch.arange(blocks, dtype=torch.int32).view(n, -1), softcap=0.0,
+        scheduler_metadata=metadata, s_aux=None)
+    return out
