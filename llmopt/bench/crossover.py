@@ -121,12 +121,14 @@ def run(bench) -> SectionResult:
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     from llmopt import OptimizationConfig
+    from llmopt.bench.sparse_vllm import vllm_rows
+    from llmopt.bench.throughput import RECIPES
     from llmopt.models import load_model
     from llmopt.vllm_plugin.crossover import Crossover, crossing, describe, save_crossover
     from llmopt.vllm_plugin.paged_kv import LAYOUT_ISAS
 
     settings = bench.settings
-    config = OptimizationConfig.from_yaml(str(bench.recipe_dir / "sparse-attention.yaml")).get("sparse")
+    config = OptimizationConfig.from_yaml(str(bench.recipe_dir / RECIPES["sparse"])).get("sparse")
     dtype = getattr(torch, bench.vllm_dtype)
     result = SectionResult("crossover", "Sparse attention in vLLM: llmopt's paths vs vLLM's CPU kernel")
     model, tokenizer = load_model(bench.model)
@@ -156,9 +158,11 @@ def run(bench) -> SectionResult:
                                    ratio(r["dense_decode"], r["sparse_decode"]),
                                    bound=f"1/pages read {1 / r['pages_read']:.2f}×"))
 
+    operator = {n: {kind: ratio(r[f"dense_{kind}"], r[f"sparse_{kind}"]).median for kind in ("prefill", "decode")
+                    if f"dense_{kind}" in r} for n, r in measured.items()}
+
     def speedups(kind: str) -> list[tuple[int, float]]:
-        return [(n, ratio(r[f"dense_{kind}"], r[f"sparse_{kind}"]).median) for n, r in measured.items()
-                if f"dense_{kind}" in r]
+        return [(n, speedup[kind]) for n, speedup in operator.items() if kind in speedup]
 
     crossover = Crossover(crossing(speedups("prefill")), crossing(speedups("decode")), "this bench")
     path = save_crossover(crossover, bench.vllm_dtype, measured)
@@ -170,6 +174,11 @@ def run(bench) -> SectionResult:
         (f"Crossover stored in {path}: {describe(crossover)} (vLLM serves shorter contexts dense, even above the "
          "recipe's min_seq_len; a recipe's vllm_prefill_from / vllm_decode_from override it)."),
     ]
+    result.rows += vllm_rows(bench, config, operator)
+    result.notes.append(f"vLLM rows: the sparse checkpoint ({RECIPES['sparse']}) against the original, one request "
+                        "at a time, prefill then greedy decode; sparse/dense says how the plugin attends that "
+                        "context (the crossover above, or the recipe's own limits). The attention-alone speed-up "
+                        "bounds the whole model's: the rest of the model does not change.")
     result.raw = {"isa": isa, "threads": threads, "layers": layers, "lengths": measured,
                   "crossover": vars(crossover), "file": str(path)}
     return result
