@@ -121,8 +121,8 @@ def run(bench) -> SectionResult:
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     from llmopt import OptimizationConfig
-    from llmopt.bench.sparse_vllm import vllm_rows
     from llmopt.bench.throughput import RECIPES
+    from llmopt.bench.vllm_loads import sparse_rows
     from llmopt.models import load_model
     from llmopt.vllm_plugin.crossover import Crossover, crossing, describe, save_crossover
     from llmopt.vllm_plugin.paged_kv import LAYOUT_ISAS
@@ -174,7 +174,7 @@ def run(bench) -> SectionResult:
         (f"Crossover stored in {path}: {describe(crossover)} (vLLM serves shorter contexts dense, even above the "
          "recipe's min_seq_len; a recipe's vllm_prefill_from / vllm_decode_from override it)."),
     ]
-    result.rows += vllm_rows(bench, config, operator)
+    result.rows += sparse_rows(bench, config, operator)
     result.notes.append(f"vLLM rows: the sparse checkpoint ({RECIPES['sparse']}) against the original, one request "
                         "at a time, prefill then greedy decode; sparse/dense says how the plugin attends that "
                         "context (the crossover above, or the recipe's own limits). The attention-alone speed-up "

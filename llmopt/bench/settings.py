@@ -12,7 +12,8 @@ class Settings:
     serving budget from the serving engine (one engine per model). `serving_loads`: (requests, prompt, output);
     their fixed KV budget holds `serving_concurrency` sequences of the original's longest load; each is timed
     `serving_repeats` times. Routing: a prefill of `routing_prefill` tokens, greedy decode at each of
-    `routing_decode_batches` (`decode_tokens` tokens after 128-token prompts). `throughput_loads`: (requests,
+    `routing_decode_batches` (`decode_tokens` tokens after 128-token prompts), and in vLLM at each of
+    `routing_vllm_batches`. `throughput_loads`: (requests,
     prompt, output) of vLLM throughput on held-out text, every checkpoint. `sparse_vllm_contexts`: the context lengths
     of vLLM's prefill and decode, the sparse checkpoint against the original, one request generating
     `decode_tokens` at a time; `sparse_generate`:
@@ -36,6 +37,7 @@ class Settings:
     crossover_lengths: tuple[int, ...]
     routing_prefill: int
     routing_decode_batches: tuple[int, ...]
+    routing_vllm_batches: tuple[int, ...]
     throughput_loads: tuple[tuple[int, int, int], ...]
     time_calibration: bool
 
@@ -46,7 +48,7 @@ FULL = Settings(repeats=5, warmup=1, capacity_gib=4,
                 max_num_seqs=64,
                 max_model_len=4096, sparse_lengths=(4096, 8192, 16384), sparse_layers=(3, 6, 9),
                 sparse_vllm_contexts=(2048, 4096, 8192), sparse_generate=8000, crossover_lengths=(2048, 4096, 8192),
-                routing_prefill=2048, routing_decode_batches=(1, 8),
+                routing_prefill=2048, routing_decode_batches=(1, 8), routing_vllm_batches=(1, 8, 32),
                 throughput_loads=((32, 256, 64), (4, 2048, 32)),
                 time_calibration=True)
 
@@ -59,5 +61,5 @@ QUICK = Settings(repeats=3, warmup=1, capacity_gib=None,
                  serving_loads=((33, 32, 96),), serving_repeats=3, serving_concurrency=4, max_num_seqs=32,
                  max_model_len=256, sparse_lengths=(1024, 2048), sparse_layers=(3,), sparse_vllm_contexts=(1024, 2048),
                  sparse_generate=1536, crossover_lengths=(1024, 2048), routing_prefill=1024,
-                 routing_decode_batches=(1, 4), throughput_loads=((8, 64, 32),),
+                 routing_decode_batches=(1, 4), routing_vllm_batches=(1, 4), throughput_loads=((8, 64, 32),),
                  time_calibration=False)
