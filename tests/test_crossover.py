@@ -55,7 +55,7 @@ def test_the_bench_times_vllms_kernel_computing_real_attention(query_len):
     q, k, v = (torch.randn(h, length, d, generator=generator) for h in (heads, hkv, hkv))
     cache, table = paged(k, v, "vec")
     out = torch.full((query_len, heads, d), float("nan"))
-    vllm_attention("vec", cache, table, length, query_len, heads, d ** -0.5)(
+    vllm_attention("vec", cache, table, length, query_len, q.transpose(0, 1), d ** -0.5)(
         q[:, -query_len:].transpose(0, 1).contiguous(), out)
     mask = torch.ones(query_len, length, dtype=torch.bool).tril(length - query_len)
     expected = F.scaled_dot_product_attention(q[None, :, -query_len:], k[None], v[None], attn_mask=mask,

@@ -42,25 +42,20 @@ def paged(k: torch.Tensor, v: torch.Tensor, isa: str) -> tuple[torch.Tensor, tor
 
 
 def vllm_attention(isa: str, cache: torch.Tensor, table: torch.Tensor, length: int, query_len: int,
-                   heads: int, scale: float):
+                   q: torch.Tensor, scale: float):
     """vLLM's CPU kernel for one request of `query_len` queries ending a `length`-token context: a function of
-    the query ``[query_len, H, D]`` writing into `out`, the scheduler metadata built once (vLLM builds it once
+    the query ``[query_len, H, D]`` (like `q`) writing into `out`, the schedule built once (vLLM builds it once
     per step for all layers)."""
-    from vllm import _custom_ops as ops
+    from llmopt.vllm_plugin.cpu_kernel import kernel_attention, kernel_metadata
 
     blocks, hkv, _, two_d = cache.shape
     key_cache, value_cache = cache.view(blocks, hkv, 2 * BLOCK_SIZE, two_d // 2).chunk(2, dim=2)
     starts = torch.tensor([0, query_len], dtype=torch.int32)
     seq_lens = torch.tensor([length], dtype=torch.int32)
-    metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=1, num_heads=heads, num_kv_heads=hkv, head_dim=two_d // 2, seq_lens=seq_lens, dtype=cache.dtype,
-        query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False)
+    metadata = kernel_metadata(q[:query_len], key_cache, starts, seq_lens, isa)
 
     def attend(query: torch.Tensor, out: torch.Tensor) -> None:
-        ops.cpu_attention_with_kv_cache(query=query, key_cache=key_cache, value_cache=value_cache, output=out,
-                                        query_start_loc=starts, seq_lens=seq_lens, scale=scale, causal=True,
-                                        alibi_slopes=None, sliding_window=-1, block_table=table[None], softcap=0.0,
-                                        scheduler_metadata=metadata, s_aux=None)
+        kernel_attention(query, key_cache, value_cache, out, starts, seq_lens, table[None], scale, metadata)
     return attend
 
 
@@ -75,11 +70,11 @@ def time_length(qkv: list, config, dtype: torch.dtype, isa: str, repeats: int, w
     for q, k, v in qkv:
         q = q[0].transpose(0, 1).to(dtype).contiguous()  # [L, H, D]
         cache, table = paged(k[0].to(dtype), v[0].to(dtype), isa)
-        length, heads, d = q.shape
+        length, _, d = q.shape
         scale = d ** -0.5
         layers.append({"q": q, "cache": cache, "table": table, "length": length, "scale": scale,
-                       "prefill": vllm_attention(isa, cache, table, length, length, heads, scale),
-                       "decode": vllm_attention(isa, cache, table, length, 1, heads, scale),
+                       "prefill": vllm_attention(isa, cache, table, length, length, q, scale),
+                       "decode": vllm_attention(isa, cache, table, length, 1, q, scale),
                        "bounds": PagedKeyBounds(cache, config.decode_page_size)})
     out = torch.empty_like(layers[0]["q"])
 

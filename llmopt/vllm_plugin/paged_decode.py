@@ -10,10 +10,9 @@ written slots invalidate their pages before anything is read. Pages reused from 
 from __future__ import annotations
 
 import torch
-from vllm import _custom_ops as ops
-from vllm import envs
 
 from llmopt.sparse.decode import choose_pages, key_boxes, page_bounds
+from llmopt.vllm_plugin.cpu_kernel import kernel_attention, kernel_metadata
 from llmopt.vllm_plugin.paged_kv import gather_pages, page_keys
 
 
@@ -78,18 +77,10 @@ def one_query_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     """vLLM's CPU kernel for one query per request, q ``[N, G, D]``, over request i's `seq_lens[i]` first keys in
     blocks ``[i·W, (i + 1)·W)`` of `key_cache` / `value_cache` ``[N·W, 1, block, D]`` (vLLM's layout, one KV
     head) → o ``[N, G, D]``."""
-    n, g, d = q.shape
+    n = len(q)
     blocks, _, block_size, _ = key_cache.shape
     starts = torch.arange(n + 1, dtype=torch.int32)
     isa = "vec16" if block_size % 32 else "vec"  # vLLM's choice for the block size (both in LAYOUT_ISAS)
-    metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=n, num_heads=g, num_kv_heads=1, head_dim=d, seq_lens=seq_lens, dtype=q.dtype,
-        query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa,
-        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
-    out = torch.empty_like(q)
-    ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=starts,
-        seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
-        block_table=torch.arange(blocks, dtype=torch.int32).view(n, -1), softcap=0.0,
-        scheduler_metadata=metadata, s_aux=None)
-    return out
+    return kernel_attention(q, key_cache, value_cache, torch.empty_like(q), starts, seq_lens,
+                            torch.arange(blocks, dtype=torch.int32).view(n, -1), scale,
+                            kernel_metadata(q, key_cache, starts, seq_lens, isa))
