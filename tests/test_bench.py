@@ -336,16 +336,18 @@ def test_sparse_checkpoint_in_vllm_is_timed_against_the_original_at_each_context
                   tmp_path)
     monkeypatch.setattr(Bench, "original", lambda _self: tmp_path / "original")
     bench.shared[f"checkpoint:{throughput.RECIPES['sparse']}"] = tmp_path / "sparse"
-    config = SparseAttentionConfig(decode_pages=64, vllm_decode_from=4096)
+    config = SparseAttentionConfig(decode_pages=64, vllm_decode_from=8176)
     rows = vllm_loads.sparse_rows(bench, config, {8192: {"prefill": 1.9, "decode": 0.6}})
     assert [task["prompt"] for task in jobs[0]["tasks"]] == [2016, 8160] and jobs[0]["max_model_len"] == 8192
     assert [job["model"] for job in jobs] == [str(tmp_path / "original"), str(tmp_path / "sparse")]
     assert [row.claim for row in rows] == [
         "vLLM prefill of 2016 tokens, batch 1, dense", "vLLM decode at 2016–2048 tokens of context, batch 1, dense",
-        "vLLM prefill of 8160 tokens, batch 1, sparse", "vLLM decode at 8160–8192 tokens of context, batch 1, sparse"]
+        "vLLM prefill of 8160 tokens, batch 1, sparse",
+        "vLLM decode at 8160–8192 tokens of context, batch 1, partly sparse"]
     assert [row.bound for row in rows] == ["", "", "attention alone 1.90×", "attention alone 0.60×"]
     assert rows[0].ratio.median == pytest.approx(2.0) and rows[1].ratio.median == pytest.approx(0.5)
     assert vllm_loads.runs_sparse(dataclasses.replace(config, vllm_prefill_from=2048), DEFAULT, 2048)[0]
+    assert not vllm_loads.runs_sparse(config, DEFAULT, DEFAULT.prefill_from - 1)[0]  # the built-in crossover
 
 
 def test_sparse_section_times_the_whole_sparse_model_against_the_original_in_transformers(monkeypatch):

@@ -66,10 +66,15 @@ def sparse_rows(bench, config, operator: dict[int, dict[str, float]]) -> list[Ro
     crossover = load_crossover(bench.vllm_dtype)
     rows = []
     for n, load in zip(contexts, loads, strict=True):
-        prefill, decode = runs_sparse(config, crossover, n)
+        prompt = n - output
+        prefill = runs_sparse(config, crossover, prompt)[0]
+        decode = {runs_sparse(config, crossover, context)[1] for context in (prompt + 1, n)}
         bound = {kind: f"attention alone {speedup:.2f}×" for kind, speedup in operator.get(n, {}).items()}
-        rows += [prefill_row(f"vLLM prefill of {n - output} tokens, batch 1, {'sparse' if prefill else 'dense'}",
+        rows += [prefill_row(f"vLLM prefill of {prompt} tokens, batch 1, {'sparse' if prefill else 'dense'}",
                              load, bound.get("prefill", "")),
-                 decode_row(f"vLLM decode at {n - output}–{n} tokens of context, batch 1, "
-                            f"{'sparse' if decode else 'dense'}", load, bound.get("decode", ""))]
+                 decode_row(f"vLLM decode at {prompt}–{n} tokens of context, batch 1, "
+                            f"{DECODE_LABELS[frozenset(decode)]}", load, bound.get("decode", ""))]
     return rows
+
+
+DECODE_LABELS = {frozenset({True}): "sparse", frozenset({False}): "dense", frozenset({True, False}): "partly sparse"}
