@@ -32,10 +32,9 @@ class Crossover:
 
 # Measured on 2026-12-07 (AVX-512 EPYC, 2 cores shared with other jobs, bfloat16, one thread as vLLM's worker runs,
 # layers 3/6/9 of the default model, the bench's `time_length`): sparse prefill against vLLM's kernel 1.07× at 2,048
-# tokens, 1.47× at 4,096, 1.88× at 8,192; sparse decode 0.19×, 0.32×, 0.75× (0.33× and 0.65× at 4,096 / 8,192 per
-# call, layer 6, once it ran vLLM's kernel on the gathered pages; 0.51× / 0.88× in `time_length` again, where
-# prefill measured 1.48× / 1.92×). Conservative: prefill from 4,096 (2,048 wins by
-# less than the noise, and a CPU without bf16 units selects blocks slower), decode dense.
+# tokens, 1.47× at 4,096, 1.88× at 8,192; sparse decode 0.19×, 0.32×, 0.75×. Since decode runs vLLM's kernel on the
+# gathered pages: 0.51× / 0.88× at 4,096 / 8,192 (prefill 1.48× / 1.92× in the same run). Conservative: prefill from
+# 4,096 (2,048 wins by less than the noise, and a CPU without bf16 units selects blocks slower), decode dense.
 DEFAULT = Crossover(prefill_from=4096, decode_from=None, source="built-in default (no calibration on this machine)")
 
 
