@@ -20,6 +20,7 @@ from llmopt.bench.sections import Section
 from llmopt.bench.serving import concurrency, predicted_seconds, serving_check
 from llmopt.bench.step_model import StepModel
 from llmopt.bench.timing import Spread, ratio, timed_rounds
+from llmopt.vllm_plugin.crossover import DEFAULT
 
 # SmolLM2-135M-like costs: 134.5M params in bf16, 23,040 KV bytes per token; the 3 → 1 twin: 7,680.
 ORIGINAL = ModelCost(params=134_515_008, matmul_params=134_000_000, bytes_per_param=2, kv_bytes_per_token=23_040,
@@ -250,7 +251,7 @@ def test_routing_section_times_a_routed_checkpoint(tmp_path, monkeypatch):
     import torch
 
     from llmopt import OptimizationConfig, TokenRoutingConfig, patch_model, save_optimized
-    from llmopt.bench import prompts, routing
+    from llmopt.bench import prompts, routing, vllm_engine
     from llmopt.bench.runner import Bench
     from llmopt.bench.settings import QUICK
 
@@ -261,12 +262,27 @@ def test_routing_section_times_a_routed_checkpoint(tmp_path, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     monkeypatch.setattr(prompts, "heldout_tokens",
                         lambda _tokenizer, length: torch.randint(1, 97, (1, length), generator=generator))
+    jobs = []
+
+    def engine(job, _log):  # vLLM's results made up: the routed model prefills in half the time, decodes even
+        jobs.append(job)
+        prefill = [1.0, 1.0] if job["model"].endswith("tiny-routed") else [2.0, 2.0]
+        return {"tasks": [{**task, "prefill_s": prefill, "decode_s": [3.1, 3.1]} for task in job["tasks"]]}
+
+    monkeypatch.setattr(vllm_engine, "run_engine", engine)
+    monkeypatch.setattr(Bench, "original", lambda _self: tmp_path / "original")
     bench = Bench("tiny", tmp_path / "kv.yaml", QUICK, tmp_path)
     bench.shared["checkpoint:routing-30.yaml"] = tmp_path / "tiny-routed"
-    prefill, *decode = routing.run(bench).rows
+    prefill, *decode, vllm_prefill, vllm_batch_1, vllm_batch_4 = routing.run(bench).rows
     assert "prefill, 1024 tokens" in prefill.claim and prefill.ratio.median > 0
     assert [row.claim for row in decode] == ["transformers greedy decode, batch 1",
                                              "transformers greedy decode, batch 4"]
+    assert [(task["batch"], task["prompt"], task["text"]) for task in jobs[0]["tasks"]] == [
+        (1, 1024, True), (1, 128, True), (4, 128, True)]
+    assert vllm_prefill.claim == "vLLM prefill, 1024 tokens, batch 1" and vllm_prefill.ratio.median == 2.0
+    assert vllm_prefill.bound == prefill.bound and vllm_prefill.bound.startswith("skipped block FLOPs")
+    assert vllm_batch_4.claim == "vLLM greedy decode, batch 4, after 128-token prompts"
+    assert vllm_batch_1.ratio.median == 1.0
 
 
 def test_throughput_section_compares_every_checkpoint_with_the_original(tmp_path, monkeypatch):
@@ -298,31 +314,40 @@ def test_throughput_section_compares_every_checkpoint_with_the_original(tmp_path
     assert "40% of the routed blocks' tokens skipped" in result.notes[-1]
 
 
-def test_sparse_section_times_vllm_decode_of_the_sparse_checkpoint_against_the_original(tmp_path, monkeypatch):
-    """The vLLM engine's results made up: decode steps per second of both models, as a ratio."""
-    from llmopt.bench import sparse_attention, throughput, vllm_engine
+def test_sparse_checkpoint_in_vllm_is_timed_against_the_original_at_each_context(tmp_path, monkeypatch):
+    """The vLLM engine's results made up: prefill seconds and decode steps per second of both models at each
+    context, as ratios, each saying whether the plugin attends that context sparsely and the operator's bound."""
+    from llmopt.bench import throughput, vllm_engine, vllm_loads
     from llmopt.bench.runner import Bench
     from llmopt.bench.settings import QUICK
     from llmopt.sparse.config import SparseAttentionConfig
 
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "cache"))  # no calibration: the built-in crossover
     jobs = []
 
     def engine(job, _log):
         jobs.append(job)
-        seconds = {"original": [3.1, 3.1], "sparse": [6.2, 6.2, 9.3]}[Path(job["model"]).name]
-        return {"tasks": [{**job["tasks"][0], "decode_s": seconds}]}
+        prefill, decode = {"original": ([2.0, 2.0], [3.1, 3.1]), "sparse": ([1.0, 1.0, 4.0], [6.2, 6.2, 9.3])}[
+            Path(job["model"]).name]
+        return {"tasks": [{**task, "prefill_s": prefill, "decode_s": decode} for task in job["tasks"]]}
 
     monkeypatch.setattr(vllm_engine, "run_engine", engine)
-    bench = Bench("tiny", tmp_path / "kv.yaml", QUICK, tmp_path)
+    bench = Bench("tiny", tmp_path / "kv.yaml", dataclasses.replace(QUICK, sparse_vllm_contexts=(2048, 8192)),
+                  tmp_path)
     monkeypatch.setattr(Bench, "original", lambda _self: tmp_path / "original")
     bench.shared[f"checkpoint:{throughput.RECIPES['sparse']}"] = tmp_path / "sparse"
-    config = SparseAttentionConfig(decode_pages=16, decode_page_size=64, decode_max_density=1.0)
-    row = sparse_attention.vllm_decode_row(bench, config)
-    assert [job["tasks"][0]["prompt"] for job in jobs] == [1536, 1536] and jobs[0]["max_model_len"] == 1568
-    assert row.claim == "vLLM decode, batch 2, context 1536+32, pages read 0.72" and row.unit == "steps/s"
-    assert row.original.median == pytest.approx(31 / 3.1) and row.ratio.median == pytest.approx(0.5)
-    row = sparse_attention.vllm_decode_row(bench, dataclasses.replace(config, decode_max_density=0.25))
-    assert row.claim == "vLLM decode, batch 2, context 1536+32, decodes dense (18 of 25 pages would be read)"
+    config = SparseAttentionConfig(decode_pages=64, vllm_decode_from=8176)
+    rows = vllm_loads.sparse_rows(bench, config, {8192: {"prefill": 1.9, "decode": 0.6}})
+    assert [task["prompt"] for task in jobs[0]["tasks"]] == [2016, 8160] and jobs[0]["max_model_len"] == 8192
+    assert [job["model"] for job in jobs] == [str(tmp_path / "original"), str(tmp_path / "sparse")]
+    assert [row.claim for row in rows] == [
+        "vLLM prefill of 2016 tokens, batch 1, dense", "vLLM decode at 2016–2048 tokens of context, batch 1, dense",
+        "vLLM prefill of 8160 tokens, batch 1, sparse",
+        "vLLM decode at 8160–8192 tokens of context, batch 1, partly sparse"]
+    assert [row.bound for row in rows] == ["", "", "attention alone 1.90×", "attention alone 0.60×"]
+    assert rows[0].ratio.median == pytest.approx(2.0) and rows[1].ratio.median == pytest.approx(0.5)
+    assert vllm_loads.runs_sparse(dataclasses.replace(config, vllm_prefill_from=2048), DEFAULT, 2048)[0]
+    assert not vllm_loads.runs_sparse(config, DEFAULT, DEFAULT.prefill_from - 1)[0]  # the built-in crossover
 
 
 def test_sparse_section_times_the_whole_sparse_model_against_the_original_in_transformers(monkeypatch):

@@ -32,7 +32,9 @@ from llmopt.vllm_plugin.sparse_chunk import sparse_chunk_attention
 
 # CPU attention supports head sizes 32, 64, 80, ...: the tiny Llama gets head_dim 32 (SmolLM2: 64)
 SHAPE = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 1024}
-SPARSE = SparseAttentionConfig(block_size=32, mass=0.3, min_seq_len=128)
+# sparse wherever the recipe allows it, whatever crossover this machine calibrated (tests of the crossover: the
+# sparse checkpoint served dense below it, tests/test_crossover.py)
+SPARSE = SparseAttentionConfig(block_size=32, mass=0.3, min_seq_len=128, vllm_prefill_from=1, vllm_decode_from=1)
 # chunks of 256 tokens start on sparse block boundaries, so chunked prefill must reproduce the one-pass prefill
 ENGINE = {"max_model_len": 600, "max_num_batched_tokens": 256, "skip_tokenizer_init": True,
           "enable_prefix_caching": True}
@@ -251,6 +253,24 @@ def test_sparse_checkpoint_gives_the_greedy_tokens_of_the_sparse_model_in_transf
                            "llmopt")
     assert result["tokens"] == [[expected["long"]], [expected["long"]], [expected["long_b"], expected["short"]]]
     assert result["cached"][1][0] >= 256, result["cached"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_sparse_checkpoint_runs_vllms_dense_kernel_below_the_crossover(tmp_path, prompts, monkeypatch):
+    """No calibration on this machine and none in the recipe: the built-in crossover holds, under which the long
+    prompts' prefill and decode run vLLM's own kernel (the tiny model's contexts are far below it)."""
+    from llmopt.vllm_plugin.crossover import DEFAULT
+
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "cache"))
+    config = dataclasses.replace(SPARSE, decode_pages=2, decode_max_density=1.0, vllm_prefill_from=None,
+                                 vllm_decode_from=None)
+    assert all(length is None or length > len(prompts["long"]) + 8
+               for length in (DEFAULT.prefill_from, DEFAULT.decode_from))
+    dense = tiny_model(**SHAPE)
+    expected = [greedy(dense, prompts["long"]), greedy(dense, prompts["long_b"])]
+    path = save_optimized(patch_model(tiny_model(**SHAPE), config), tmp_path / "sparse")
+    assert vllm_generate(path, [[prompts["long"], prompts["long_b"]]], "llmopt")["tokens"] == [expected]
 
 
 def routed_model(calibration: torch.Tensor, kv: KVCompressionConfig | None = None, sparse: bool = False):

@@ -1,6 +1,7 @@
 """Token routing vs dense in transformers, router overhead included: the routed checkpoint against itself with
 routing switched off (one process, taking turns): prefill of one held-out prompt, greedy decode tokens per second
-at a few batch sizes. (vLLM: the throughput section.)
+at a few batch sizes; then the routed checkpoint in vLLM against the original (`vllm_loads`), the same prefill and
+greedy decode at batch 1 to 32, where vLLM is installed.
 
 The routed checkpoint is `configs/routing-30.yaml` applied to the bench's model, built once and cached (about ten
 minutes of calibration the first time)."""
@@ -8,7 +9,9 @@ minutes of calibration the first time)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,21 +77,39 @@ def transformers_speed(bench, checkpoint) -> dict:
     return result
 
 
+def vllm_rows(bench, checkpoint: Path, prefill_bound: str) -> list[Row]:
+    """The routed checkpoint in vLLM against the original, on held-out text: the prefill of `routing_prefill`
+    tokens (the prompt the transformers rows and `prefill_bound` are measured on), then greedy decode at each of
+    `routing_vllm_batches` after `DECODE_PROMPT`-token prompts."""
+    from llmopt.bench.vllm_loads import decode_row, measure_loads, prefill_row
+
+    settings = bench.settings
+    batches = settings.routing_vllm_batches
+    loads = measure_loads(bench, checkpoint, [(1, settings.routing_prefill)]
+                          + [(batch, DECODE_PROMPT) for batch in batches], text=True)
+    rows = [prefill_row(f"vLLM prefill, {settings.routing_prefill} tokens, batch 1", loads[0], prefill_bound)]
+    return rows + [decode_row(f"vLLM greedy decode, batch {batch}, after {DECODE_PROMPT}-token prompts", load)
+                   for batch, load in zip(batches, loads[1:], strict=True)]
+
+
 def run(bench) -> SectionResult:
     settings = bench.settings
     checkpoint = throughput.checkpoint(bench, throughput.RECIPES["routing"])
-    result = SectionResult("routing", "Token routing vs dense in transformers (routing-30)")
+    result = SectionResult("routing", "Token routing vs dense in transformers and in vLLM (routing-30)")
     speed = transformers_speed(bench, checkpoint)
     prefill = speed["prefill"]
+    bound = f"skipped block FLOPs: {1 / (1 - speed['prompt_costs']['flops_skipped']):.2f}×"
     result.rows.append(Row(f"transformers prefill, {settings.routing_prefill} tokens, "
                            f"{speed['prompt_costs']['flops_skipped']:.0%} of block FLOPs skipped", "ms",
                            Spread.of(prefill["dense"]).scaled(1e3), Spread.of(prefill["routed"]).scaled(1e3),
                            ratio(prefill["dense"], prefill["routed"]),
-                           bound=f"skipped block FLOPs: {1 / (1 - speed['prompt_costs']['flops_skipped']):.2f}×"))
+                           bound=bound))
     for batch, runs in speed["decode"].items():
         dense, routed = [r["dense_tokens_per_s"] for r in runs], [r["routed_tokens_per_s"] for r in runs]
         result.rows.append(Row(f"transformers greedy decode, batch {batch}", "tokens/s", Spread.of(dense),
                                Spread.of(routed), ratio(routed, dense)))
+    if importlib.util.find_spec("vllm") is not None:
+        result.rows += vllm_rows(bench, checkpoint, bound)
     result.notes.append(
         f"{speed['threads']} torch threads, {speed['prompt_costs']['token_sparsity']:.0%} of token×block pairs "
         f"skipped on the prefill prompt; decode after {DECODE_PROMPT}-token prompts, {settings.decode_tokens} new "

@@ -49,6 +49,8 @@ SECTIONS = (
             "llmopt.bench.serving", (_KV, _VLLM)),
     Section("routing", "Token routing vs dense: prefill and decode in transformers",
             "llmopt.bench.routing", (("llmopt.routing.transform", "token routing"),)),
+    Section("crossover", "Sparse attention in vLLM: llmopt's paths vs vLLM's CPU kernel (the crossover)",
+            "llmopt.bench.crossover", (("llmopt.sparse.transform", "sparse attention"), _VLLM)),
     Section("throughput", "vLLM throughput on held-out text, original vs each optimized checkpoint",
             "llmopt.bench.throughput", (_KV, ("llmopt.routing.transform", "token routing"),
                                         ("llmopt.sparse.transform", "sparse attention"), _VLLM)),

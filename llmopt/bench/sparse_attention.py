@@ -185,25 +185,6 @@ def bench_length(qkv: list[QKV], config, repeats: int, warmup: int) -> dict:
             "vertical_slash": sum(float(s.vertical_slash.float().mean()) for s in selections) / len(selections)}
 
 
-def vllm_decode_row(bench, config) -> Row:
-    """Decode steps per second in vLLM (CPU: llmopt's plugin, the paged cache), sparse checkpoint vs original."""
-    from llmopt.bench.decode import step_seconds
-    from llmopt.bench.throughput import RECIPES, checkpoint
-    from llmopt.bench.vllm_engine import run_engine
-
-    batch, prompt = bench.settings.sparse_vllm_decode
-    task = {"kind": "decode", "batch": batch, "prompt": prompt, "output": bench.settings.decode_tokens,
-            "warmup": bench.settings.warmup, "repeats": bench.settings.repeats}
-    steps = {}
-    for name, directory in (("original", bench.original()), ("sparse", checkpoint(bench, RECIPES["sparse"]))):
-        job = {"model": str(directory), "dtype": bench.vllm_dtype, "max_num_seqs": batch,
-               "max_model_len": prompt + task["output"], "kv_space_gib": 2, "tasks": [task]}
-        steps[name] = [1 / s for s in step_seconds(run_engine(job, bench.log)["tasks"][0])]
-    reads = decode_reads(config, prompt + task["output"] // 2)
-    return Row(f"vLLM decode, batch {batch}, context {prompt}+{task['output']}, {reads}", "steps/s",
-               Spread.of(steps["original"]), Spread.of(steps["sparse"]), ratio(steps["sparse"], steps["original"]))
-
-
 def run(bench) -> SectionResult:
     from llmopt import OptimizationConfig
     from llmopt.models import load_model
@@ -257,8 +238,6 @@ def run(bench) -> SectionResult:
         result.notes.append(f"Decode keeps, per KV head, the first page, {config.decode_pages} more pages of "
                             f"{config.decode_page_size} keys (the newest full one and the best-bounded others: "
                             "Quest) and the partial page; its density is the share of the cache's pages read.")
-        bench.progress("vLLM decode: the sparse checkpoint against the original")
-        result.rows.append(vllm_decode_row(bench, config))
     result.raw = {"config": vars(config), "layers": layers, "kernel": kernel, "lengths": measured,
                   "decode": decoded}
     return result

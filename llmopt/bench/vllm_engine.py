@@ -76,10 +76,12 @@ def _generate(llm, prompts: list[dict], max_tokens: int) -> tuple[float, list]:
 def _decode(llm, task: dict, vocab: int) -> dict:
     """Prefill and decode seconds of `batch` prompts generating `output` tokens, from the engine's own per-request
     timestamps: prefill from the first scheduling to the last first token, decode from there to the last token
-    (``output - 1`` steps of the whole batch)."""
+    (``output - 1`` steps of the whole batch). Random prompts, or held-out text where the task sets ``text``."""
     prefill, decode = [], []
     for round_ in range(task["warmup"] + task["repeats"]):
-        _, outputs = _generate(llm, _prompts(task["batch"], task["prompt"], vocab, seed=round_), task["output"])
+        prompts = (_heldout(llm, task["batch"], task["prompt"]) if task.get("text")
+                   else _prompts(task["batch"], task["prompt"], vocab, seed=round_))
+        _, outputs = _generate(llm, prompts, task["output"])
         stats = [o.metrics for o in outputs]
         first_tokens = max(s.first_token_ts for s in stats)
         if round_ >= task["warmup"]:
@@ -95,20 +97,24 @@ def _serve(llm, task: dict, vocab: int) -> dict:
     return {"seconds": seconds}
 
 
+def _heldout(llm, count: int, length: int) -> list[dict]:
+    """`count` prompts of `length` tokens of held-out Wikipedia, one after the other."""
+    from transformers import AutoTokenizer
+
+    from llmopt.bench.prompts import heldout_tokens
+
+    ids = heldout_tokens(AutoTokenizer.from_pretrained(llm.llm_engine.model_config.model), count * length)[0]
+    return [{"prompt_token_ids": ids[i * length:(i + 1) * length].tolist()} for i in range(count)]
+
+
 def _text(llm, task: dict, vocab: int) -> dict:
     """`_serve` on prompts of held-out Wikipedia text (what a routed model's decisions depend on), the same
     prompts in every repeat; for a routed model also the share of tokens each routed block skipped."""
     from operator import methodcaller
 
-    from transformers import AutoTokenizer
-
-    from llmopt.bench.prompts import heldout_tokens
     from llmopt.vllm_plugin import ROUTED_ARCHITECTURE
 
-    length = task["prompt"]
-    ids = heldout_tokens(AutoTokenizer.from_pretrained(llm.llm_engine.model_config.model),
-                         task["requests"] * length)[0].tolist()
-    prompts = [{"prompt_token_ids": ids[i * length:(i + 1) * length]} for i in range(task["requests"])]
+    prompts = _heldout(llm, task["requests"], task["prompt"])
     result: dict = {"seconds": [_generate(llm, prompts, task["output"])[0] for _ in range(task["repeats"])]}
     if llm.llm_engine.model_config.architectures == [ROUTED_ARCHITECTURE]:
         counts = llm.apply_model(methodcaller("routing_counts"))[0]

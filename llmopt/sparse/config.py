@@ -19,7 +19,11 @@ class SparseAttentionConfig:
     `decode_page_size` keys (the newest full one and those whose key bounds score highest) and the partial page,
     once the cache holds `min_seq_len` tokens and those pages are at most `decode_max_density` of its pages
     (below that, gathering the pages costs more than reading them all); 0 keeps decode dense. Smaller pages bound
-    the keys more tightly: at the same keys read, pages of 16 choose better than pages of 64."""
+    the keys more tightly: at the same keys read, pages of 16 choose better than pages of 64.
+
+    In vLLM a request runs sparse only from the context length where llmopt's path beats vLLM's own CPU kernel,
+    prefill and decode apart: `vllm_prefill_from` / `vllm_decode_from` tokens when set, else the crossover
+    `llmopt bench --sections crossover` calibrated on the machine (`llmopt.vllm_plugin.crossover`)."""
 
     name: ClassVar[str] = "sparse"
     stage: ClassVar[int] = 30
@@ -34,6 +38,8 @@ class SparseAttentionConfig:
     decode_pages: int = 0
     decode_page_size: int = 16
     decode_max_density: float = 0.25
+    vllm_prefill_from: int | None = None
+    vllm_decode_from: int | None = None
 
     def __post_init__(self) -> None:
         require(self.block_size in (16, 32, 64, 128), "sparse.block_size must be 16, 32, 64 or 128")
@@ -48,6 +54,10 @@ class SparseAttentionConfig:
         require(self.decode_page_size in (16, 32, 64, 128), "sparse.decode_page_size must be 16, 32, 64 or 128")
         require(0.0 < self.decode_max_density <= 1.0,
                 f"sparse.decode_max_density must be in (0, 1], got {self.decode_max_density}")
+        for name in ("vllm_prefill_from", "vllm_decode_from"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"sparse.{name} must be a number of context tokens (at least 1), "
+                                                 f"or left out for the crossover calibrated on the machine; got {value}")
 
     def decode_pages_read(self, length: int) -> tuple[int, int]:
         """(pages a sparse decode step reads, pages in the cache) for a cache of `length` tokens (the new one

@@ -15,6 +15,9 @@ For a sparse model, each step's requests split three ways:
   chooses, read from the paged cache, with per-page key bounds kept beside it.
 - dense: the other decode steps and shorter prefills, through vLLM's C++ kernel over the other requests only.
 
+Neither sparse path runs below its crossover, the context length from which it beats vLLM's kernel on this machine
+(`llmopt.vllm_plugin.crossover`: calibrated by ``llmopt bench``, or set in the recipe).
+
 Chunked prefill and prefix caching stay on: a later chunk, or the suffix after a cached prefix, attends to the
 earlier KV through the cache like any other.
 """
@@ -22,6 +25,7 @@ earlier KV through the cache like any other.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +42,10 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from llmopt.record import read_record
 from llmopt.sparse.config import SparseAttentionConfig
+from llmopt.vllm_plugin.crossover import describe, load_crossover
 from llmopt.vllm_plugin.paged_decode import PagedKeyBounds, paged_sparse_decode
-from llmopt.vllm_plugin.paged_kv import LAYOUT_ISAS, gather_kv
-from llmopt.vllm_plugin.sparse_chunk import sparse_chunk_attention
+from llmopt.vllm_plugin.paged_kv import LAYOUT_ISAS
+from llmopt.vllm_plugin.sparse_chunk import paged_sparse_prefill
 
 logger = init_logger(__name__)
 
@@ -108,6 +113,17 @@ class SparseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             logger.warning("llmopt sparse attention: vLLM's block size %d is not a multiple of the sparse page size "
                            "%d; decode runs dense", self.block_size, config.decode_page_size)
             self.decode_pages = 0
+        self.prefill_from = self.decode_from = math.inf  # context tokens from which a request runs sparse
+        if config is not None:
+            crossover = load_crossover(str(vllm_config.model_config.dtype).removeprefix("torch."))
+            prefill = config.vllm_prefill_from if config.vllm_prefill_from is not None else crossover.prefill_from
+            decode = config.vllm_decode_from if config.vllm_decode_from is not None else crossover.decode_from
+            self.prefill_from = max(config.min_seq_len, prefill) if prefill is not None else math.inf
+            self.decode_from = decode if decode is not None else math.inf  # decodes_sparse: min_seq_len
+            logger.info_once("llmopt sparse attention: crossover %s (%s); recipe: prefill from %s, decode from %s; "
+                             "runs sparse: prefill from %s, decode from %s tokens", describe(crossover),
+                             crossover.source, config.vllm_prefill_from, config.vllm_decode_from, self.prefill_from,
+                             self.decode_from)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SparseCPUAttentionMetadata:
@@ -121,10 +137,10 @@ class SparseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         """Which requests of the step run sparse (None: none does)."""
         starts = common.query_start_loc_cpu.tolist()
         seq_lens = common.seq_lens.cpu().tolist()
-        long = [i for i in range(common.num_reqs) if seq_lens[i] >= config.min_seq_len]
-        prefill = [i for i in long if starts[i + 1] - starts[i] > 1]
-        decode = [i for i in long if starts[i + 1] - starts[i] == 1 and self.decode_pages
-                  and config.decodes_sparse(seq_lens[i])]
+        requests = range(common.num_reqs)
+        prefill = [i for i in requests if starts[i + 1] - starts[i] > 1 and seq_lens[i] >= self.prefill_from]
+        decode = [i for i in requests if starts[i + 1] - starts[i] == 1 and self.decode_pages
+                  and seq_lens[i] >= self.decode_from and config.decodes_sparse(seq_lens[i])]
         if not prefill and not decode:
             return None
         rows = [SparseRow(starts[i], starts[i + 1], seq_lens[i], common.block_table_tensor[i]) for i in prefill]
@@ -191,8 +207,7 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
     def _sparse_prefill(self, query: torch.Tensor, kv_cache: torch.Tensor, row: SparseRow,
                         config: SparseAttentionConfig) -> torch.Tensor:
         """query ``[Lq, H, D]``, the last Lq positions of the row's context → output ``[Lq, H, D]``."""
-        k, v = gather_kv(kv_cache, row.blocks, row.seq_len)
-        return sparse_chunk_attention(query.transpose(0, 1)[None], k, v, config, self.scale)[0].transpose(0, 1)
+        return paged_sparse_prefill(query, kv_cache, row.blocks, row.seq_len, config, self.scale)
 
     def _sparse_decode(self, query: torch.Tensor, kv_cache: torch.Tensor, rows: DecodeRows,
                        config: SparseAttentionConfig) -> torch.Tensor:

@@ -10,10 +10,10 @@ written slots invalidate their pages before anything is read. Pages reused from 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from llmopt.sparse.decode import choose_pages, key_boxes, page_bounds
-from llmopt.vllm_plugin.paged_kv import page_keys, read_pages
+from llmopt.vllm_plugin.cpu_kernel import kernel_attention, kernel_metadata
+from llmopt.vllm_plugin.paged_kv import gather_pages, page_keys
 
 
 class PagedKeyBounds:
@@ -48,7 +48,11 @@ class PagedKeyBounds:
 def paged_sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                         bounds: PagedKeyBounds, pages: int, scale: float) -> torch.Tensor:
     """One decode query per request, q ``[R, H, D]``, over the pages chosen from its context of `seq_lens [R]`
-    tokens (the current one included; each holds more than ``pages + 2`` pages) → o ``[R, H, D]``."""
+    tokens (the current one included; each holds more than ``pages + 2`` pages) → o ``[R, H, D]``.
+
+    The chosen pages are gathered into a paged cache of their own, blocks of one page, and attended by vLLM's C++
+    kernel (fewer, larger operations than a masked SDPA over gathered keys): each (request, KV head) is a request
+    of one KV head and its group's query heads, its pages in a row, the partial page last."""
     rows, h, d = q.shape
     hkv, size = kv_cache.shape[1], bounds.page_size
     full = seq_lens.long() // size
@@ -60,10 +64,23 @@ def paged_sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     selected = torch.cat([chosen, full[:, None, None].expand(-1, hkv, 1)], -1)  # and the partial page [R, Hkv, K]
     column = selected // bounds.per_block  # the page's block in the request's table
     blocks = table.gather(1, column.clamp(max=table.shape[1] - 1).flatten(1)).view_as(selected)
-    k, v = read_pages(kv_cache, blocks, selected % bounds.per_block, torch.arange(hkv)[:, None], size)
-    keys = k.transpose(-1, -2).reshape(rows, hkv, -1, d)  # [R, Hkv, K·page, D]
-    valid = (selected[..., None] * size + torch.arange(size)).flatten(2) < seq_lens[:, None, None]  # [R, Hkv, K·page]
-    dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
-    o = F.scaled_dot_product_attention(q.view(rows, hkv, h // hkv, d).to(dtype), keys.to(dtype),
-                                       v.flatten(2, 3).to(dtype), attn_mask=valid[:, :, None], scale=scale)
-    return o.reshape(rows, h, d).to(q.dtype)
+    key_cache, value_cache = gather_pages(kv_cache, blocks, selected % bounds.per_block,
+                                          torch.arange(hkv)[:, None], size)
+    count, n = selected.shape[-1], rows * hkv
+    # the partial page holds the keys past the full ones (none: the kernel reads no key of it)
+    lens = ((count - 1) * size + seq_lens.long() - full * size).to(torch.int32).repeat_interleave(hkv)
+    return one_query_attention(q.reshape(n, h // hkv, d), key_cache, value_cache, lens, scale).view(rows, h, d)
+
+
+def one_query_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, seq_lens: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """vLLM's CPU kernel for one query per request, q ``[N, G, D]``, over request i's `seq_lens[i]` first keys in
+    blocks ``[i·W, (i + 1)·W)`` of `key_cache` / `value_cache` ``[N·W, 1, block, D]`` (vLLM's layout, one KV
+    head) → o ``[N, G, D]``."""
+    n = len(q)
+    blocks, _, block_size, _ = key_cache.shape
+    starts = torch.arange(n + 1, dtype=torch.int32)
+    isa = "vec16" if block_size % 32 else "vec"  # vLLM's choice for the block size (both in LAYOUT_ISAS)
+    return kernel_attention(q, key_cache, value_cache, torch.empty_like(q), starts, seq_lens,
+                            torch.arange(blocks, dtype=torch.int32).view(n, -1), scale,
+                            kernel_metadata(q, key_cache, starts, seq_lens, isa))

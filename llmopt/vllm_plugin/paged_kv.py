@@ -33,11 +33,12 @@ def page_keys(kv_cache: torch.Tensor, page_size: int) -> torch.Tensor:
     return keys.unflatten(-1, (d, block_size // page_size, page_size))
 
 
-def read_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, pages: torch.Tensor, heads: torch.Tensor,
-               page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k transposed ``[*S, D, page_size]``, v ``[*S, page_size, D]``) of KV head `heads`, page `pages` (of
-    `page_size` positions, a divisor of the block size) of cache block `blocks`, all broadcast to shape S: one
-    row gather each, rows of ``page_size`` keys (K is stored transposed) and of a whole page of values."""
+def gather_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, pages: torch.Tensor, heads: torch.Tensor,
+                 page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key cache, value cache), each ``[N, 1, page_size, D]`` in vLLM's layout (keys transposed in memory), of
+    page `pages` (of `page_size` positions, a divisor of the block size) of KV head `heads` of cache block `blocks`,
+    all broadcast to shape S (N = S's size, in order), ready for vLLM's kernel with blocks of `page_size`. One row
+    gather each: rows of ``page_size`` keys (K is stored transposed) and of a whole page of values."""
     hkv, block_size, two_d = kv_cache.shape[1:]
     d, per_block = two_d // 2, block_size // page_size
     blocks, pages, heads = torch.broadcast_tensors(blocks.long(), pages.long(), heads.long())
@@ -45,4 +46,4 @@ def read_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, pages: torch.Tensor
     key_rows = ((cell * d)[..., None] + torch.arange(d)) * per_block + pages[..., None]  # [*S, D]
     k = kv_cache.view(-1, page_size).index_select(0, key_rows.flatten())
     v = kv_cache.view(-1, page_size * d).index_select(0, ((cell + 1) * per_block + pages).flatten())
-    return k.view(*blocks.shape, d, page_size), v.view(*blocks.shape, page_size, d)
+    return k.view(-1, 1, page_size, d), v.view(-1, 1, page_size, d)

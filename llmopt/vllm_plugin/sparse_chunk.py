@@ -15,6 +15,7 @@ import torch
 from llmopt.sparse.config import SparseAttentionConfig
 from llmopt.sparse.selection import select_blocks
 from llmopt.sparse.torch_attention import sparse_attention_torch
+from llmopt.vllm_plugin.paged_kv import gather_kv
 
 
 def sparse_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SparseAttentionConfig,
@@ -27,3 +28,11 @@ def sparse_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     o = sparse_attention_torch(padded, k, v, selection.kv_num_blocks, selection.kv_indices,
                                block_size=config.block_size, scale=scale)
     return o[:, :, pad:]
+
+
+def paged_sparse_prefill(query: torch.Tensor, kv_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int,
+                         config: SparseAttentionConfig, scale: float) -> torch.Tensor:
+    """query ``[Lq, H, D]``, the last Lq of the `seq_len` positions of the request whose cache blocks are `blocks`
+    (its row of vLLM's block table) → output ``[Lq, H, D]``."""
+    k, v = gather_kv(kv_cache, blocks, seq_len)
+    return sparse_chunk_attention(query.transpose(0, 1)[None], k, v, config, scale)[0].transpose(0, 1)
