@@ -88,6 +88,17 @@ class CalibrationContext:
             self.observer(f"{self.stage_prefix}{stage}", model, facts)
 
 
+@dataclass(frozen=True)
+class Support:
+    """Whether a transform applies to a model family (or to one model, given its config), and if so how exact
+    the result is and what serves it; if not, `reason` says why, before any work."""
+
+    applies: bool
+    reason: str = ""
+    exact: str = ""
+    served_by: str = ""
+
+
 class Transform:
     """One transform. `calibrate` changes a model using data; `apply` rebuilds the same structure from the config
     alone, so that the saved weights load into it. `vanilla`: the result is a plain checkpoint of the original
@@ -97,6 +108,11 @@ class Transform:
 
     def check(self, model: nn.Module, config: Any, context: CalibrationContext) -> None:
         """Raise (ConfigError, ValueError) if `calibrate` would fail; runs for every transform before any runs."""
+
+    def support(self, adapter: Any, model_config: Any = None) -> Support:
+        """Whether this transform applies to the family of `adapter` (an `ArchAdapter`), for the checkpoint with
+        `model_config` where given (None: the family in general, for the families table)."""
+        return Support(True)
 
     def calibrate(self, model: nn.Module, config: Any, context: CalibrationContext) -> dict:
         """Transform `model` in place; return diagnostics (JSON-able), which go to the report, not config.json."""
