@@ -55,13 +55,22 @@ def config_class(name: str) -> type:
 
 def transform_for(config: Any) -> Transform:
     """The `Transform` that runs `config`, imported now (an import error is reported as such)."""
-    module, _, attribute = type(config).transform.partition(":")
+    return _load_transform(type(config))
+
+
+def transform_named(name: str) -> Transform:
+    """The `Transform` of transform `name` (``kv``, ``routing``, ``sparse``), without a config."""
+    return _load_transform(config_class(name))
+
+
+def _load_transform(config_type: type) -> Transform:
+    module, _, attribute = config_type.transform.partition(":")
     try:
         loaded = importlib.import_module(module)
     except ModuleNotFoundError as error:
         if error.name is None or not module.startswith(error.name):
             raise  # the transform's own module exists but imports something missing: a real error
-        raise ConfigError(f"transform {type(config).name} is not available in this installation "
+        raise ConfigError(f"transform {config_type.name} is not available in this installation "
                           f"(no module {module})") from error
     return getattr(loaded, attribute)()
 

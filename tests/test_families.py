@@ -2,6 +2,9 @@
 KV fold is lossless where a group's heads are redundant, the calibrated fold beats mean-pooling, the result
 saves and loads back to identical logits; families the fold refuses are refused before any work, with the reason."""
 
+import functools
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import FAMILY_CONFIGS, tiny_family_model
@@ -9,14 +12,19 @@ from tiny_models import FAMILY_CONFIGS, tiny_family_model
 from llmopt import KVCompressionConfig, patch_model, save_optimized
 from llmopt.arch.adapter import ADAPTERS, Projection, UnsupportedModelError, attention_shape
 from llmopt.checkpoint import load_optimized
+from llmopt.cli import main
+from llmopt.families import families_table
 from llmopt.kv.transform import KVCompression
+from llmopt.sparse.config import SparseAttentionConfig
+from llmopt.sparse.transform import SparseAttention
 
 FOLDED = [name for name, adapter in ADAPTERS.items() if KVCompression().support(adapter).applies]
 REFUSED = [name for name in ADAPTERS if name not in FOLDED]
 # transformers saves fused MoE experts in their per-expert form; load_optimized's strict load does not convert back
 MOE_LOAD = pytest.mark.xfail(strict=True, reason="load_optimized does not convert per-expert MoE weights")
 RELOADED = [pytest.param(name, marks=MOE_LOAD) if "Moe" in name or "Mixtral" in name else name for name in FOLDED]
-CALIBRATION = dict(calibration_tokens=512, seq_len=32)
+CALIBRATION = {"calibration_tokens": 512, "seq_len": 32}
+WINDOWS = torch.randint(0, 97, (16, 32), generator=torch.Generator().manual_seed(1))
 
 
 def logits(model, ids):
@@ -47,39 +55,40 @@ def test_the_registry_covers_at_least_fourteen_families_and_each_has_a_tiny_mode
     assert set(FAMILY_CONFIGS) == set(ADAPTERS)
 
 
-def folded_twin(architecture, windows):
+@functools.cache
+def folded_twin(architecture):
+    """(the twin folded 2 → 1 per group, the twin's logits on `WINDOWS[:2]` before the fold), built once."""
     model = with_redundant_kv_heads(tiny_family_model(architecture))
-    expected = logits(model, windows[:2])
-    patch_model(model, KVCompressionConfig(ratio=2, **CALIBRATION), calibration=windows)
+    expected = logits(model, WINDOWS[:2])
+    patch_model(model, KVCompressionConfig(ratio=2, **CALIBRATION), calibration=WINDOWS)
     return model, expected
 
 
 @pytest.mark.parametrize("architecture", FOLDED)
-def test_redundant_heads_fold_losslessly(architecture, token_windows_tiny):
-    model, expected = folded_twin(architecture, token_windows_tiny)
+def test_redundant_heads_fold_losslessly(architecture):
+    model, expected = folded_twin(architecture)
     assert model.config.num_key_value_heads == 2
-    torch.testing.assert_close(logits(model, token_windows_tiny[:2]), expected, atol=2e-4, rtol=0)
+    torch.testing.assert_close(logits(model, WINDOWS[:2]), expected, atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("architecture", RELOADED)
-def test_the_folded_model_reloads_with_identical_logits(architecture, token_windows_tiny, tmp_path):
-    model, _ = folded_twin(architecture, token_windows_tiny)
+def test_the_folded_model_reloads_with_identical_logits(architecture, tmp_path):
+    model, _ = folded_twin(architecture)
     reloaded, _ = load_optimized(save_optimized(model, tmp_path / "out"))
     assert type(reloaded) is type(model) and reloaded.config.num_key_value_heads == 2
     reloaded.set_attn_implementation(model.config._attn_implementation)
-    ids = token_windows_tiny[:2]
-    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), atol=0, rtol=0)
+    torch.testing.assert_close(logits(reloaded, WINDOWS[:2]), logits(model, WINDOWS[:2]), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("architecture", FOLDED)
-def test_the_calibrated_fold_beats_mean_pooling(architecture, token_windows_tiny):
-    ids = token_windows_tiny[-4:]
+def test_the_calibrated_fold_beats_mean_pooling(architecture):
+    ids = torch.randint(0, 97, (4, 64), generator=torch.Generator().manual_seed(2))
     reference = logits(tiny_family_model(architecture), ids).log_softmax(-1)
     kl = {}
     for method in ("calibrated", "mean-pool"):
         model = patch_model(tiny_family_model(architecture),
                             KVCompressionConfig(ratio=2, method=method, **CALIBRATION),
-                            calibration=token_windows_tiny[:-4])
+                            calibration=WINDOWS)
         out = logits(model, ids).log_softmax(-1)
         kl[method] = float((reference.exp() * (reference - out)).sum(-1).mean())
     assert kl["calibrated"] < kl["mean-pool"], kl
@@ -94,3 +103,34 @@ def test_a_refused_family_is_refused_with_its_reason_before_any_work(architectur
     with pytest.raises(UnsupportedModelError, match="kv: "):
         patch_model(model, KVCompressionConfig(ratio=2, **CALIBRATION), calibration=torch.zeros(1, 1, dtype=torch.long))
     assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
+
+
+SPARSE = SparseAttention()
+
+
+@pytest.mark.parametrize("architecture", list(ADAPTERS))
+def test_sparse_attention_runs_where_it_applies_and_is_refused_with_the_reason_elsewhere(architecture):
+    model = tiny_family_model(architecture)
+    ids = torch.randint(0, 97, (1, 192), generator=torch.Generator().manual_seed(0))
+    dense = logits(model, ids)
+    config = SparseAttentionConfig(block_size=64, min_seq_len=128, mass=1.0)  # every block kept: dense's output
+    support = SPARSE.support(ADAPTERS[architecture], model.config)
+    if not support.applies:
+        with pytest.raises(UnsupportedModelError, match=f"sparse: {architecture}: "):
+            patch_model(model, config)
+        return
+    patch_model(model, config)
+    torch.testing.assert_close(logits(model, ids), dense, atol=1e-5, rtol=0)
+    assert model.llmopt_sparse_stats.density == 1.0  # the sparse path ran
+
+
+def test_the_committed_families_table_is_the_generated_one():
+    assert (Path(__file__).parents[1] / "docs" / "families.md").read_text() == families_table(markdown=True)
+
+
+def test_info_says_which_transforms_apply_and_why_not(tmp_path, capsys):
+    tiny_family_model("Qwen3ForCausalLM").save_pretrained(tmp_path / "qwen3")
+    assert main(["info", str(tmp_path / "qwen3")]) == 0
+    out = capsys.readouterr().out
+    assert "family: Qwen3" in out and "kv: ✗ k_norm normalizes each key head" in out
+    assert "sparse: ✓" in out and "routing: ✗ the routed decoder layer" in out

@@ -150,22 +150,19 @@ def _linear(projection: Projection) -> nn.Linear:
 
 
 LLAMA = ArchAdapter()
-QWEN3 = ArchAdapter(family="Qwen3", key_norm="per-head")
-GEMMA2 = ArchAdapter(family="Gemma2", score_fields=("query_pre_attn_scalar", "attn_logit_softcapping"))
 ADAPTERS: dict[str, ArchAdapter] = {
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": ArchAdapter(family="Mistral"),
     "MixtralForCausalLM": ArchAdapter(family="Mixtral"),
     "Qwen2ForCausalLM": ArchAdapter(family="Qwen2"),
     "Qwen2MoeForCausalLM": ArchAdapter(family="Qwen2-MoE"),
-    "Qwen3ForCausalLM": QWEN3,
+    "Qwen3ForCausalLM": ArchAdapter(family="Qwen3", key_norm="per-head"),
     "Qwen3MoeForCausalLM": ArchAdapter(family="Qwen3-MoE", key_norm="per-head"),
     "GraniteForCausalLM": ArchAdapter(family="Granite", score_fields=("attention_multiplier",)),
     "SmolLM3ForCausalLM": ArchAdapter(family="SmolLM3", rope_layers="no_rope_layers", vllm_path="transformers backend"),
     "GemmaForCausalLM": ArchAdapter(family="Gemma"),
-    "Gemma2ForCausalLM": GEMMA2,
-    "Gemma3ForCausalLM": ArchAdapter(family="Gemma3", key_norm="per-head",
-                                     score_fields=("query_pre_attn_scalar", "attn_logit_softcapping")),
+    "Gemma2ForCausalLM": ArchAdapter(family="Gemma2", score_fields=("query_pre_attn_scalar", "attn_logit_softcapping")),
+    "Gemma3ForCausalLM": ArchAdapter(family="Gemma3", key_norm="per-head", score_fields=("query_pre_attn_scalar",)),
     "PhiForCausalLM": ArchAdapter(family="Phi", o_proj="dense", key_norm="per-head", key_norm_switch="qk_layernorm",
                                   parallel_block=True, vllm_path="transformers backend"),
     "Phi3ForCausalLM": ArchAdapter(family="Phi3", qkv_proj="qkv_proj", qkv_layout="concatenated"),
@@ -231,6 +228,16 @@ def rotary_fraction(config: Any) -> float:
         if getattr(config, field, None) is not None:
             return float(getattr(config, field))
     return 1.0
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window of the config's sliding-window layers; None where every layer attends to all tokens."""
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return getattr(config, "sliding_window", None) or None
 
 
 def attention_shape(config: Any) -> AttentionShape:

@@ -92,8 +92,8 @@ class KVCompression(Transform):
                 conditional.append(f"refused where {switch} is set: {reason}")
         if blocking:
             return Support(False, "; ".join(blocking))
-        return Support(True, "; ".join(conditional), exact="lossless where a group's heads are redundant",
-                       served_by=f"its own class (transformers; vLLM: {adapter.vllm_path})")
+        return Support(True, "; ".join(conditional), exact=("lossless where a group's heads are redundant, else a calibrated low-rank merge"),
+                       served_by=f"transformers' {adapter.family} class; vLLM: {adapter.vllm_path}")
 
     def check(self, model: nn.Module, config: KVCompressionConfig, context: CalibrationContext) -> None:
         adapter = adapter_for(model)
