@@ -129,8 +129,8 @@ def test_the_committed_families_table_is_the_generated_one():
 
 
 def test_info_says_which_transforms_apply_and_why_not(tmp_path, capsys):
-    tiny_family_model("Qwen3ForCausalLM").save_pretrained(tmp_path / "qwen3")
-    assert main(["info", str(tmp_path / "qwen3")]) == 0
+    tiny_family_model("Olmo2ForCausalLM").save_pretrained(tmp_path / "olmo2")
+    assert main(["info", str(tmp_path / "olmo2")]) == 0
     out = capsys.readouterr().out
-    assert "family: Qwen3" in out and "kv: ✗ k_norm normalizes each key head" in out
+    assert "family: OLMo2" in out and "kv: ✗ k_norm normalizes the whole key projection" in out
     assert "sparse: ✓" in out and "routing: ✗ the routed decoder layer" in out

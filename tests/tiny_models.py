@@ -24,6 +24,11 @@ def tiny_model(family: str = "llama", **overrides) -> torch.nn.Module:
                 param.mul_(4.0)
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
+            if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) and param.dim() == 1:
+                # the spread of real q/k norm weights, equal on both dims of each RoPE plane (where a merge of
+                # redundant heads after the norm stays lossless); Gemma's norms scale by 1 + weight
+                half = torch.exp(0.5 * torch.randn(param.shape[0] // 2))
+                param.copy_(torch.cat([half, half]) - (1.0 if "gemma" in model_type else 0.0))
     return model
 
 
@@ -75,4 +80,9 @@ def tiny_family_model(architecture: str) -> torch.nn.Module:
                 param.mul_(4.0)
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
+            if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) and param.dim() == 1:
+                # the spread of real q/k norm weights, equal on both dims of each RoPE plane (where a merge of
+                # redundant heads after the norm stays lossless); Gemma's norms scale by 1 + weight
+                half = torch.exp(0.5 * torch.randn(param.shape[0] // 2))
+                param.copy_(torch.cat([half, half]) - (1.0 if "gemma" in model_type else 0.0))
     return model

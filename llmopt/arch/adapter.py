@@ -52,8 +52,13 @@ class ArchAdapter:
     qkv_layout: QKVLayout = "separate"
     rope_layout: str = "rotate_half"
     rope_layers: str | None = None  # a config list with one entry per layer, 0 where the layer has no RoPE
-    key_norm: Literal["per-head", "whole-projection"] | None = None  # a norm on the keys after k_proj
+    # a norm on q and k after their projections: "shared-rms" (an RMSNorm over each head's dims, one weight for
+    # all heads, modules q_norm/k_norm), "layer-norm" (LayerNorms over each head's dims), "whole-projection"
+    # (an RMSNorm over all heads at once)
+    key_norm: Literal["shared-rms", "layer-norm", "whole-projection"] | None = None
     key_norm_switch: Switch = True  # where `key_norm` exists (StableLM and Phi: only with qk_layernorm)
+    q_norm: str = "q_norm"
+    k_norm: str = "k_norm"
     clip_qkv: Switch = False  # OLMo's clip_qkv: q, k and v outputs clamped elementwise
     score_fields: tuple[str, ...] = ()  # config fields that change attention scores; a fold leaves them as they are
     parallel_block: Switch = False  # attention and MLP read the same input and add to the residual together
@@ -134,6 +139,14 @@ class ArchAdapter:
         """``[out, in]``, also for a transposed Conv1D (``nf`` outputs, weight ``[in, out]``)."""
         return module.weight.T if hasattr(module, "nf") else module.weight
 
+    def norm_weight(self, attention: nn.Module, which: str) -> torch.Tensor:
+        """The effective per-dim weight ``[d]`` (float64) of the shared RMSNorm `which` ("q" or "k"): its output on
+        a vector of ones, so that conventions like Gemma's ``1 + weight`` need no special case."""
+        norm = getattr(attention, self.q_norm if which == "q" else self.k_norm)
+        ones = torch.ones(1, norm.weight.shape[-1], dtype=norm.weight.dtype, device=norm.weight.device)
+        with torch.no_grad():
+            return norm(ones)[0].to(torch.float64)
+
     def holds(self, switch: Switch, config: Any) -> bool:
         return switch if isinstance(switch, bool) else bool(getattr(config, switch, False))
 
@@ -156,21 +169,21 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "MixtralForCausalLM": ArchAdapter(family="Mixtral"),
     "Qwen2ForCausalLM": ArchAdapter(family="Qwen2"),
     "Qwen2MoeForCausalLM": ArchAdapter(family="Qwen2-MoE"),
-    "Qwen3ForCausalLM": ArchAdapter(family="Qwen3", key_norm="per-head"),
-    "Qwen3MoeForCausalLM": ArchAdapter(family="Qwen3-MoE", key_norm="per-head"),
+    "Qwen3ForCausalLM": ArchAdapter(family="Qwen3", key_norm="shared-rms"),
+    "Qwen3MoeForCausalLM": ArchAdapter(family="Qwen3-MoE", key_norm="shared-rms"),
     "GraniteForCausalLM": ArchAdapter(family="Granite", score_fields=("attention_multiplier",)),
     "SmolLM3ForCausalLM": ArchAdapter(family="SmolLM3", rope_layers="no_rope_layers", vllm_path="transformers backend"),
     "GemmaForCausalLM": ArchAdapter(family="Gemma"),
     "Gemma2ForCausalLM": ArchAdapter(family="Gemma2", score_fields=("query_pre_attn_scalar", "attn_logit_softcapping")),
-    "Gemma3ForCausalLM": ArchAdapter(family="Gemma3", key_norm="per-head", score_fields=("query_pre_attn_scalar",)),
-    "PhiForCausalLM": ArchAdapter(family="Phi", o_proj="dense", key_norm="per-head", key_norm_switch="qk_layernorm",
+    "Gemma3ForCausalLM": ArchAdapter(family="Gemma3", key_norm="shared-rms", score_fields=("query_pre_attn_scalar",)),
+    "PhiForCausalLM": ArchAdapter(family="Phi", o_proj="dense", key_norm="layer-norm", key_norm_switch="qk_layernorm",
                                   parallel_block=True, vllm_path="transformers backend"),
     "Phi3ForCausalLM": ArchAdapter(family="Phi3", qkv_proj="qkv_proj", qkv_layout="concatenated"),
     "GPTNeoXForCausalLM": ArchAdapter(family="GPT-NeoX", layers="gpt_neox.layers", attention="attention",
                                       o_proj="dense", qkv_proj="query_key_value", qkv_layout="per-head",
                                       parallel_block="use_parallel_residual", holds_fewer_kv_heads=False,
                                       vllm_path="transformers backend"),
-    "StableLmForCausalLM": ArchAdapter(family="StableLM", key_norm="per-head", key_norm_switch="qk_layernorm",
+    "StableLmForCausalLM": ArchAdapter(family="StableLM", key_norm="layer-norm", key_norm_switch="qk_layernorm",
                                        parallel_block="use_parallel_residual"),
     "OlmoForCausalLM": ArchAdapter(family="OLMo", clip_qkv="clip_qkv", vllm_path="transformers backend"),
     "Olmo2ForCausalLM": ArchAdapter(family="OLMo2", key_norm="whole-projection", vllm_path="transformers backend"),

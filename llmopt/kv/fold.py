@@ -44,6 +44,13 @@ def _join_heads(rotated: torch.Tensor | None, passed: torch.Tensor | None, rotar
                       passed.reshape(-1, head_dim - rotary_dims, *shape)], dim=1).reshape(-1, *shape)
 
 
+def _scaled(projection: Projection, per_row: torch.Tensor, dtype: torch.dtype = torch.float64) -> Projection:
+    """`projection` with each output row (weight row and bias entry) multiplied by `per_row`, as `dtype`."""
+    weight = (projection.weight.to(torch.float64) * per_row[:, None]).to(dtype)
+    bias = None if projection.bias is None else (projection.bias.to(torch.float64) * per_row).to(dtype)
+    return Projection(weight, bias)
+
+
 @torch.no_grad()
 def fold_attention(attention: nn.Module, adapter: ArchAdapter, fold: GroupFold, num_heads: int,
                    num_kv_heads: int, head_dim: int) -> None:
@@ -89,8 +96,16 @@ def fold_attention(attention: nn.Module, adapter: ArchAdapter, fold: GroupFold, 
     def merged(projection: Projection, merge) -> Projection:
         return Projection(*(None if p is None else merge(p) for p in (projection.weight, projection.bias)))
 
+    dtype = k.weight.dtype
+    if fold.key_rms is not None:  # merged where the shared norm maps keys to, W k / rms(k) (W: its weight)
+        k_weight, q_weight = adapter.norm_weight(attention, "k"), adapter.norm_weight(attention, "q")
+        k = _scaled(k, (k_weight / fold.key_rms.to(device)[:, None]).flatten())
+        q = _scaled(q, q_weight.repeat(num_heads))
     new_q = merged(q, scale_queries)
     new_k = merged(k, merge_keys)
+    if fold.key_rms is not None:
+        new_q = _scaled(new_q, (1 / q_weight).repeat(num_heads), dtype)
+        new_k = _scaled(new_k, (1 / k_weight).repeat(groups), dtype)
     new_v = merged(v, lambda p: merge_real(fold.value_encoder, p, head_dim))
     decoder = fold.value_decoder.to(device).view(groups, g, head_dim, head_dim).reshape(num_kv_heads, head_dim,
                                                                                          head_dim)

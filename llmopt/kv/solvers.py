@@ -33,6 +33,7 @@ class GroupFold:
     value_decoder: torch.Tensor  # [m', g·d, d] float64
     pass_encoder: torch.Tensor   # [m', p, g·p] float64
     pass_decoder: torch.Tensor   # [m', g·p, p] float64
+    key_rms: torch.Tensor | None = None  # [m]: RMS of each KV head before a shared q/k norm, if merged after it
 
 
 def pooling_fold(groups: int, g: int, head_dim: int, *, keep_one: bool, rotary_dims: int | None = None) -> GroupFold:
@@ -120,7 +121,8 @@ def calibrated_fold(stats: LayerStatistics, o_proj_weight: torch.Tensor | None, 
         w_o = o_proj_weight.to(torch.float64).view(-1, num_kv_heads, per_kv, head_dim)
         metric = block_diagonal(torch.einsum("xmad,xmae->mde", w_o, w_o).view(groups, g, head_dim, head_dim))
     value_encoder, value_decoder = solve_values(stats.value, metric, head_dim)
-    return GroupFold(key_encoder, key_decoder, value_encoder, value_decoder, pass_encoder, pass_decoder)
+    key_rms = stats.key_rms.sqrt() if stats.key_rms.any() else None
+    return GroupFold(key_encoder, key_decoder, value_encoder, value_decoder, pass_encoder, pass_decoder, key_rms)
 
 
 def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
@@ -144,7 +146,7 @@ def weight_statistics(k_weight: Projection, v_weight: Projection, groups: int, h
     value = torch.einsum("nra,nrb->rab", v, v)
     pass_key = torch.einsum("nra,nrb->rab", passed, passed)
     return LayerStatistics(key=key, query=torch.empty(0), value=value, pass_key=pass_key,
-                           pass_query=torch.empty(0), tokens=1)
+                           pass_query=torch.empty(0), key_rms=torch.zeros(1), tokens=1)
 
 
 def reconstruction_error(fold: GroupFold, stats: LayerStatistics) -> tuple[float, float]:

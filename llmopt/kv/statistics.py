@@ -7,7 +7,9 @@ without RoPE):
 - ``query``:      ``[h, r/2]`` float64, E|z_j|² of each query head's complex pairs (pre-RoPE);
 - ``value``:      ``[m', g·d, g·d]`` float64, E[v vᵀ] of the group's concatenated values (bias included);
 - ``pass_key``:   ``[m', g·p, g·p]`` float64, E[k kᵀ] of the group's concatenated pass-through key dims;
-- ``pass_query``: ``[m, p, p]`` float64, Σ E[q qᵀ] of the pass-through dims of the query heads of each KV head.
+- ``pass_query``: ``[m, p, p]`` float64, Σ E[q qᵀ] of the pass-through dims of the query heads of each KV head;
+- ``key_rms``:    ``[m]`` float64, E[rms(k)²] of each KV head before its norm (families with a shared q/k RMSNorm,
+  whose keys and queries are taken after the norm, as attention sees them; zeros elsewhere).
 Memory per layer is fixed by the head counts, whatever the amount of calibration text.
 """
 
@@ -26,6 +28,7 @@ class LayerStatistics:
     value: torch.Tensor
     pass_key: torch.Tensor
     pass_query: torch.Tensor
+    key_rms: torch.Tensor
     tokens: int = 0
 
     @classmethod
@@ -38,6 +41,7 @@ class LayerStatistics:
             value=torch.zeros(groups, g * d, g * d, dtype=torch.float64),
             pass_key=torch.zeros(groups, g * p, g * p, dtype=torch.float64),
             pass_query=torch.zeros(shape.num_kv_heads, p, p, dtype=torch.float64),
+            key_rms=torch.zeros(shape.num_kv_heads, dtype=torch.float64),
         )
 
     @property
@@ -47,7 +51,7 @@ class LayerStatistics:
     def normalized(self) -> LayerStatistics:
         n = max(self.tokens, 1)
         return LayerStatistics(self.key / n, self.query / n, self.value / n, self.pass_key / n, self.pass_query / n,
-                               self.tokens)
+                               self.key_rms / n, self.tokens)
 
 
 class StatisticsCollector:
@@ -60,7 +64,22 @@ class StatisticsCollector:
         self.stats = LayerStatistics.zeros(shape, groups, rotary_dims)
         accumulators = (self._query, self._key, self._value)
         modules = adapter.projection_modules(attention)
-        if len(modules) == 1:
+        if adapter.key_norm == "shared-rms":  # q and k as attention sees them: after the norm over each head
+            d = shape.head_dim
+            norms = [getattr(attention, adapter.q_norm), getattr(attention, adapter.k_norm)]
+
+            def normed(norm, accumulate, out, key):
+                out = out.detach().flatten(0, -2)
+                if key:
+                    self._key_rms(out)
+                accumulate(self.stats, norm(out.unflatten(-1, (-1, d))).flatten(-2))
+
+            self.handles = [module.register_forward_hook(
+                lambda _m, _i, out, n=norm, f=accumulate, key=key: normed(n, f, out, key))
+                for module, norm, accumulate, key in zip(modules, norms, accumulators, (False, True))]
+            self.handles.append(modules[2].register_forward_hook(
+                lambda _m, _i, out: self._value(self.stats, out.detach().flatten(0, -2))))
+        elif len(modules) == 1:
             self.handles = [modules[0].register_forward_hook(lambda _m, _i, out: self._fused(out))]
         else:
             self.handles = [module.register_forward_hook(
@@ -73,6 +92,10 @@ class StatisticsCollector:
                                        shape.head_dim)
         for part, accumulate in zip(parts, (self._query, self._key, self._value)):
             accumulate(self.stats, part)
+
+    def _key_rms(self, k: torch.Tensor) -> None:
+        k = k.to(torch.float64).unflatten(-1, (-1, self.shape.head_dim))
+        self.stats.key_rms += k.pow(2).mean(-1).sum(0).to(self.stats.key_rms.device)
 
     def _passed(self, x: torch.Tensor) -> torch.Tensor:
         """``[n, heads·d]`` → ``[n, heads, p]`` float64: the dims RoPE leaves alone."""

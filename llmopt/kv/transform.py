@@ -26,8 +26,8 @@ from llmopt.transforms import CalibrationContext, Support, Transform
 
 
 KEY_NORM_REFUSALS = {
-    "per-head": ("k_norm normalizes each key head after k_proj (one weight for all heads): a merge of key heads "
-                 "before the norm does not pass through it linearly, and no calibrated merge for it is measured yet"),
+    "layer-norm": ("LayerNorms over each key head (qk_layernorm: mean subtracted, own bias) sit between k_proj and "
+                   "attention: a merge of key heads does not pass through them, and none is calibrated for them"),
     "whole-projection": ("k_norm normalizes the whole key projection at once (all heads together): with fewer "
                          "heads, every head's scale changes, so no merge of heads passes through it"),
 }
@@ -76,7 +76,8 @@ class KVCompression(Transform):
 
     def support(self, adapter: ArchAdapter, model_config=None) -> Support:
         conditions = [
-            (adapter.key_norm_switch if adapter.key_norm else False, KEY_NORM_REFUSALS.get(adapter.key_norm, "")),
+            (adapter.key_norm_switch if adapter.key_norm in KEY_NORM_REFUSALS else False,
+             KEY_NORM_REFUSALS.get(adapter.key_norm, "")),
             (adapter.clip_qkv, ("q, k and v are clamped elementwise after their projections, and the clamp of a "
                                 "merged key head is not the merge of the clamped heads")),
             (not adapter.holds_fewer_kv_heads, (f"transformers' {adapter.family} class has no KV-head count "
@@ -92,7 +93,11 @@ class KVCompression(Transform):
                 conditional.append(f"refused where {switch} is set: {reason}")
         if blocking:
             return Support(False, "; ".join(blocking))
-        return Support(True, "; ".join(conditional), exact=("lossless where a group's heads are redundant, else a calibrated low-rank merge"),
+        exact = "lossless where a group's heads are redundant, else a calibrated low-rank merge"
+        if adapter.key_norm == "shared-rms":
+            exact = ("approximate: values exact as elsewhere, keys merged after the shared q/k norm, whose per-token "
+                     "rescaling of a merged head no fold can undo")
+        return Support(True, "; ".join(conditional), exact=exact,
                        served_by=f"transformers' {adapter.family} class; vLLM: {adapter.vllm_path}")
 
     def check(self, model: nn.Module, config: KVCompressionConfig, context: CalibrationContext) -> None:
