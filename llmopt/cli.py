@@ -13,8 +13,8 @@ def _info(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmopt.models import resolve_model
     from llmopt.families import model_transforms
+    from llmopt.models import resolve_model
     from llmopt.summary import model_summary
 
     source = resolve_model(args.model)

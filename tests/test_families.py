@@ -134,3 +134,39 @@ def test_info_says_which_transforms_apply_and_why_not(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "family: OLMo2" in out and "kv: ✗ k_norm normalizes the whole key projection" in out
     assert "sparse: ✓" in out and "routing: ✗ the routed decoder layer" in out
+
+
+def served_logprobs_match(architecture, tmp_path):
+    """Fold a head_dim-32 tiny model of the family (vLLM's CPU attention needs 32, 64, 80, ...), serve it with stock
+    vLLM, and check vLLM's greedy tokens and their log-probabilities against transformers on the same path."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model = tiny_family_model(architecture, hidden_size=128, head_dim=32)
+    patch_model(model, KVCompressionConfig(ratio=2, **CALIBRATION), calibration=WINDOWS)
+    path = save_optimized(model, tmp_path / architecture)
+    prompts = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0)).tolist()
+    spec = {"model": str(path), "engine": {"max_model_len": 256, "skip_tokenizer_init": True}, "calls": [prompts],
+            "max_tokens": 8}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_generate.py")), json.dumps(spec)],
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_PLUGINS": ""},
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[6:])
+    for prompt, tokens, served in zip(prompts, result["tokens"][0], result["logprobs"][0]):
+        expected = logits(model, torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].log_softmax(-1)
+        chosen = expected[torch.arange(len(tokens)), tokens]
+        assert (expected.max(-1).values - chosen < 1e-4).all(), (tokens, expected.argmax(-1))  # greedy, ties aside
+        torch.testing.assert_close(torch.tensor(served), chosen, atol=1e-4, rtol=0)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", [
+    "Phi3ForCausalLM",  # vLLM's own class, fused qkv_proj split by the KV-head count, partial rotary
+    "PhiForCausalLM",  # vLLM's transformers backend: the HF attention with vLLM's cache, partial rotary, biases
+])
+def test_vllm_serves_each_distinct_path_as_transformers_computes_it(architecture, tmp_path):
+    served_logprobs_match(architecture, tmp_path)

@@ -62,12 +62,12 @@ FAMILY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def tiny_family_model(architecture: str) -> torch.nn.Module:
+def tiny_family_model(architecture: str, **sizes) -> torch.nn.Module:
     """A random multi-head model of `architecture`'s family, deterministic, its q/k sharpened as in `tiny_model`."""
     from transformers import CONFIG_MAPPING
 
     model_type, overrides = FAMILY_CONFIGS[architecture]
-    config = CONFIG_MAPPING[model_type](**{**FAMILY_SIZES, **overrides})
+    config = CONFIG_MAPPING[model_type](**{**FAMILY_SIZES, **sizes, **overrides})
     config.architectures = [architecture]
     torch.manual_seed(0)
     # eager attention where the family's scores have more than SDPA applies (Gemma2's soft-capping)
