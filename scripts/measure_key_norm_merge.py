@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny_models import tiny_family_model  # noqa: E402
+from tiny_models import tiny_family_model
 
-from llmopt import KVCompressionConfig, patch_model  # noqa: E402
-from llmopt.arch import adapter as arch  # noqa: E402
+from llmopt import KVCompressionConfig, patch_model
+from llmopt.arch import adapter as arch
 
 CALIBRATION = torch.randint(0, 97, (32, 64), generator=torch.Generator().manual_seed(1))
 HELD_OUT = torch.randint(0, 97, (4, 64), generator=torch.Generator().manual_seed(2))
