@@ -55,6 +55,21 @@ def test_the_registry_covers_at_least_fourteen_families_and_each_has_a_tiny_mode
     assert set(FAMILY_CONFIGS) == set(ADAPTERS)
 
 
+@pytest.mark.parametrize("architecture", list(ADAPTERS))
+def test_q_k_v_read_from_the_weights_are_what_the_projections_compute(architecture):
+    """Each layout's reading ([Q|K|V] rows, per-head [q,k,v] rows, a transposed Conv1D) against the module's output."""
+    model = tiny_family_model(architecture)
+    adapter, shape = ADAPTERS[architecture], attention_shape(model.config)
+    attention = adapter.attention_modules(model)[0]
+    x = torch.randn(5, shape.hidden_size)
+    with torch.no_grad():
+        outputs = adapter.split_qkv([m(x) for m in adapter.projection_modules(attention)], shape.num_heads,
+                                    shape.num_kv_heads, shape.head_dim)
+    for projection, output in zip(adapter.projections(attention, shape.num_heads, shape.num_kv_heads,
+                                                      shape.head_dim), outputs):
+        torch.testing.assert_close(torch.nn.functional.linear(x, projection.weight, projection.bias), output)
+
+
 @functools.cache
 def folded_twin(architecture):
     """(the twin folded 2 → 1 per group, the twin's logits on `WINDOWS[:2]` before the fold), built once."""
