@@ -10,18 +10,14 @@ from llmopt.eval.suite import add_eval_arguments
 
 
 def _info(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmopt.checkpoint_files import check_checkpoint
-    from llmopt.models import resolve_model
+    from llmopt.families import model_transforms
+    from llmopt.models.loading import checked_source
     from llmopt.summary import model_summary
 
-    source = resolve_model(args.model)
-    if Path(source).is_dir():
-        check_checkpoint(source)  # a damaged checkpoint is said to be one, not summarised
+    source = checked_source(args.model)  # a damaged checkpoint is said to be one, not summarised
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
@@ -29,6 +25,14 @@ def _info(args: argparse.Namespace) -> int:
     with torch.device("meta"):  # the shape only: no weights are read, so any size is instant
         model = AutoModelForCausalLM.from_config(config)
     print(model_summary(model))
+    print(model_transforms(model))
+    return 0
+
+
+def _families(args: argparse.Namespace) -> int:
+    from llmopt.families import families_table
+
+    print(families_table(markdown=args.markdown), end="")
     return 0
 
 
@@ -118,9 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmopt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    info = commands.add_parser("info", help="a model's shape: layers, heads, KV heads, head dim, RoPE, KV bytes")
+    info = commands.add_parser("info", help="a model's shape (layers, heads, KV heads, head dim, RoPE, KV bytes) and which "
+                                               "transforms apply to it")
     info.add_argument("model", help="smollm2-135m, smollm2-135m-mha, a local HF directory, or a hub id")
     info.set_defaults(run=_info)
+
+    families = commands.add_parser("families", help="the model families llmopt knows, and which transforms apply "
+                                                     "to each (how exact, what serves the result) or why not")
+    families.add_argument("--markdown", action="store_true", help="as the markdown table of docs/families.md")
+    families.set_defaults(run=_families)
 
     calibrate = commands.add_parser("calibrate", help="apply a recipe to a model and save the result")
     calibrate.add_argument("--model", default="smollm2-135m", help="model name, HF directory or hub id")

@@ -55,13 +55,22 @@ def config_class(name: str) -> type:
 
 def transform_for(config: Any) -> Transform:
     """The `Transform` that runs `config`, imported now (an import error is reported as such)."""
-    module, _, attribute = type(config).transform.partition(":")
+    return _load_transform(type(config))
+
+
+def transform_named(name: str) -> Transform:
+    """The `Transform` of transform `name` (``kv``, ``routing``, ``sparse``), without a config."""
+    return _load_transform(config_class(name))
+
+
+def _load_transform(config_type: type) -> Transform:
+    module, _, attribute = config_type.transform.partition(":")
     try:
         loaded = importlib.import_module(module)
     except ModuleNotFoundError as error:
         if error.name is None or not module.startswith(error.name):
             raise  # the transform's own module exists but imports something missing: a real error
-        raise ConfigError(f"transform {type(config).name} is not available in this installation "
+        raise ConfigError(f"transform {config_type.name} is not available in this installation "
                           f"(no module {module})") from error
     return getattr(loaded, attribute)()
 
@@ -88,6 +97,17 @@ class CalibrationContext:
             self.observer(f"{self.stage_prefix}{stage}", model, facts)
 
 
+@dataclass(frozen=True)
+class Support:
+    """Whether a transform applies to a model family (or to one model, given its config), and if so how exact
+    the result is and what serves it; if not, `reason` says why, before any work."""
+
+    applies: bool
+    reason: str = ""
+    exact: str = ""
+    served_by: str = ""
+
+
 class Transform:
     """One transform. `calibrate` changes a model using data; `apply` rebuilds the same structure from the config
     alone, so that the saved weights load into it. `vanilla`: the result is a plain checkpoint of the original
@@ -97,6 +117,11 @@ class Transform:
 
     def check(self, model: nn.Module, config: Any, context: CalibrationContext) -> None:
         """Raise (ConfigError, ValueError) if `calibrate` would fail; runs for every transform before any runs."""
+
+    def support(self, adapter: Any, model_config: Any = None) -> Support:
+        """Whether this transform applies to the family of `adapter` (an `ArchAdapter`), for the checkpoint with
+        `model_config` where given (None: the family in general, for the families table)."""
+        return Support(True)
 
     def calibrate(self, model: nn.Module, config: Any, context: CalibrationContext) -> dict:
         """Transform `model` in place; return diagnostics (JSON-able), which go to the report, not config.json."""

@@ -422,7 +422,7 @@ def test_flops_count_attention_by_context_and_keep_kv():
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_non_llama_models_are_refused(family, token_windows_tiny):
-    with pytest.raises(UnsupportedModelError, match="only LlamaForCausalLM"):
+    with pytest.raises(UnsupportedModelError, match="reimplements transformers' LlamaDecoderLayer"):
         patch_model(tiny_model(family), tiny_config(), calibration=token_windows_tiny)
 
 

@@ -19,10 +19,18 @@ from llmopt.kv.config import HealingConfig
 
 
 def attention_parameters(attentions: list[nn.Module], adapter: ArchAdapter, which: str) -> list[nn.Parameter]:
-    """The parameters that heal: the k/v projections (``which="keys-values"``) or all four attention projections."""
-    names = (adapter.k_proj, adapter.v_proj) if which == "keys-values" else (
-        adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj)
-    return [p for attention in attentions for n in names for p in getattr(attention, n).parameters()]
+    """The parameters that heal: the k/v projections (``which="keys-values"``, only where they are separate) or all
+    the attention projections."""
+    if which == "keys-values" and adapter.qkv_layout != "separate":
+        raise ValueError(f"healing.parameters: keys-values trains k and v apart, but {adapter.family} fuses q, k and "
+                         "v into one projection; use parameters: attention")
+
+    def modules(attention: nn.Module) -> list[nn.Module]:
+        if which == "keys-values":
+            return [getattr(attention, adapter.k_proj), getattr(attention, adapter.v_proj)]
+        return [*adapter.projection_modules(attention), getattr(attention, adapter.o_proj)]
+
+    return [p for attention in attentions for module in modules(attention) for p in module.parameters()]
 
 
 def heal_attention(model: nn.Module, config: HealingConfig, windows: torch.Tensor, adapter: ArchAdapter,

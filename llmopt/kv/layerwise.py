@@ -86,14 +86,16 @@ def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: Attention
     check = first_layer_inputs(model, adapter, windows[len(windows) - held_out:], batch_size) if held_out else []
     original_trajectory = list(fit)
     reports = []
-    for layer in tqdm(adapter.decoder_layers(model), desc="calibrating layers", unit="layer"):
+    for index, layer in enumerate(tqdm(adapter.decoder_layers(model), desc="calibrating layers", unit="layer")):
+        rotary = adapter.rotary_dims(model.config, index)
         with onloaded(layer):
             if healing:  # the layer is still the original one: its output on the original trajectory is the target
                 original_trajectory = next_layer_inputs(layer, original_trajectory)
             attention = layer.get_submodule(adapter.attention)
             calls: list[tuple[dict, torch.Tensor]] = []
-            fit_stats = _run_collecting(layer, attention, adapter, shape, groups, fit, calls if refit else None)
-            check_stats = _run_collecting(layer, attention, adapter, shape, groups, check) if check else fit_stats
+            fit_stats = _run_collecting(layer, attention, adapter, shape, groups, rotary, fit, calls if refit else None)
+            check_stats = (_run_collecting(layer, attention, adapter, shape, groups, rotary, check) if check
+                           else fit_stats)
             fold = solve(attention, fit_stats)
             key_error, value_error = reconstruction_error(fold, check_stats)
             fold_attention(attention, adapter, fold, shape.num_heads, shape.num_kv_heads, shape.head_dim)
@@ -109,11 +111,11 @@ def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: Attention
 
 
 def _run_collecting(layer: nn.Module, attention: nn.Module, adapter: ArchAdapter, shape: AttentionShape,
-                    groups: int, batches: list[LayerInput],
+                    groups: int, rotary_dims: int, batches: list[LayerInput],
                     calls: list[tuple[dict, torch.Tensor]] | None = None) -> LayerStatistics:
     """Run `layer` up to the end of its attention (the MLP's output would be thrown away) and collect its
     statistics, and, into `calls`, each attention call's keyword arguments and output (the refit's targets)."""
-    collector = StatisticsCollector(attention, adapter, shape, groups)
+    collector = StatisticsCollector(attention, adapter, shape, groups, rotary_dims)
 
     def record(_module, args, kwargs, output):
         calls.append(({**kwargs, **dict(zip(["hidden_states"], args))}, output[0]))

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from llmopt.arch import ArchAdapter, AttentionShape, adapter_for, attention_shape
+from llmopt.arch.adapter import UnsupportedModelError, architecture
 from llmopt.config import ConfigError
 from llmopt.kv.config import METHODS, KVCompressionConfig
 from llmopt.kv.fold import fold_attention
@@ -21,7 +22,15 @@ from llmopt.kv.heal import heal_attention
 from llmopt.kv.layerwise import LayerReport, calibrate_layerwise
 from llmopt.kv.solvers import calibrated_fold, pooling_fold, weight_statistics
 from llmopt.offload import is_offloaded, onloaded
-from llmopt.transforms import CalibrationContext, Transform
+from llmopt.transforms import CalibrationContext, Support, Transform
+
+
+KEY_NORM_REFUSALS = {
+    "layer-norm": ("LayerNorms over each key head (qk_layernorm: mean subtracted, own bias) sit between k_proj and "
+                   "attention: a merge of key heads does not pass through them, and none is calibrated for them"),
+    "whole-projection": ("k_norm normalizes the whole key projection at once (all heads together): with fewer "
+                         "heads, every head's scale changes, so no merge of heads passes through it"),
+}
 
 
 def check_head_counts(num_heads: int, num_kv_heads: int, target: int, tensor_parallel_size: int) -> None:
@@ -42,24 +51,60 @@ def check_head_counts(num_heads: int, num_kv_heads: int, target: int, tensor_par
 
 
 def fold_without_data(attention: nn.Module, adapter: ArchAdapter, config: KVCompressionConfig, shape: AttentionShape,
-                      target: int) -> None:
+                      target: int, rotary_dims: int) -> None:
     """The baselines' folds: from the weights alone (svd-w) or by pooling the group's heads."""
     if config.method == "svd-w":
-        stats = weight_statistics(getattr(attention, adapter.k_proj), getattr(attention, adapter.v_proj),
-                                  target, shape.head_dim, adapter)
+        _, k, v = adapter.projections(attention, shape.num_heads, shape.num_kv_heads, shape.head_dim)
+        stats = weight_statistics(k, v, target, shape.head_dim, rotary_dims, adapter)
         fold = calibrated_fold(stats, None, shape.num_heads, shape.num_kv_heads, shape.head_dim,
                                query_weighted=False, output_weighted=False)
     else:
         fold = pooling_fold(target, shape.num_kv_heads // target, shape.head_dim,
-                            keep_one=config.method == "keep-one")
+                            keep_one=config.method == "keep-one", rotary_dims=rotary_dims)
     fold_attention(attention, adapter, fold, shape.num_heads, shape.num_kv_heads, shape.head_dim)
+
+
+def _flag(adapter: ArchAdapter, switch: bool | str, model_config) -> bool | None:
+    """Whether a switched fact holds for this checkpoint; None where it depends on a flag and no config is given."""
+    if model_config is None and isinstance(switch, str):
+        return None
+    return adapter.holds(switch, model_config)
 
 
 class KVCompression(Transform):
     vanilla = True
 
+    def support(self, adapter: ArchAdapter, model_config=None) -> Support:
+        conditions = [
+            (adapter.key_norm_switch if adapter.key_norm in KEY_NORM_REFUSALS else False,
+             KEY_NORM_REFUSALS.get(adapter.key_norm, "")),
+            (adapter.clip_qkv, ("q, k and v are clamped elementwise after their projections, and the clamp of a "
+                                "merged key head is not the merge of the clamped heads")),
+            (not adapter.holds_fewer_kv_heads, (f"transformers' {adapter.family} class has no KV-head count "
+                                                "(num_key_value_heads): nothing would load a result with fewer KV "
+                                                "heads (not served yet)")),
+        ]
+        blocking, conditional = [], []
+        for switch, reason in conditions:
+            holds = _flag(adapter, switch, model_config)
+            if holds:
+                blocking.append(reason)
+            elif holds is None:
+                conditional.append(f"refused where {switch} is set: {reason}")
+        if blocking:
+            return Support(False, "; ".join(blocking))
+        exact = "lossless where a group's heads are redundant, else a calibrated low-rank merge"
+        if adapter.key_norm == "shared-rms":
+            exact = ("approximate: values exact as elsewhere, keys merged after the shared q/k norm, whose per-token "
+                     "rescaling of a merged head no fold can undo")
+        return Support(True, "; ".join(conditional), exact=exact,
+                       served_by=f"transformers' {adapter.family} class; vLLM: {adapter.vllm_path}")
+
     def check(self, model: nn.Module, config: KVCompressionConfig, context: CalibrationContext) -> None:
-        adapter_for(model)
+        adapter = adapter_for(model)
+        support = self.support(adapter, model.config)
+        if not support.applies:
+            raise UnsupportedModelError(f"kv: {architecture(model)}: {support.reason}")
         offloaded = is_offloaded(model)
         if offloaded and config.healing is not None:
             raise ConfigError("kv.healing distils the whole model end to end and needs it in memory, but this model "
@@ -104,9 +149,10 @@ class KVCompression(Transform):
             details["layers"] = {name: [None if getattr(r, name) is None else round(getattr(r, name), 4)
                                         for r in reports] for name in columns}
         else:
-            for attention in adapter.attention_modules(model):
+            for index, attention in enumerate(adapter.attention_modules(model)):
                 with onloaded(attention):
-                    fold_without_data(attention, adapter, config, shape, target)
+                    fold_without_data(attention, adapter, config, shape, target,
+                                      adapter.rotary_dims(model.config, index))
         model.config.num_key_value_heads = target
         details["fold_seconds"] = round(time.perf_counter() - started, 1)
         if heal_windows is not None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from llmopt.arch.adapter import UnsupportedModelError, architecture
+from llmopt.arch.adapter import ADAPTERS, ArchAdapter, UnsupportedModelError, adapter_for, architecture
 from llmopt.config import ConfigError
 from llmopt.routing.adapters import fit_adapters
 from llmopt.routing.allocation import (
@@ -38,7 +38,8 @@ from llmopt.routing.train import (
     routed_keeps,
     train_router,
 )
-from llmopt.transforms import CalibrationContext, Transform
+from llmopt.transforms import CalibrationContext, Support, Transform
+from llmopt.vllm_plugin import ROUTED_ARCHITECTURE
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 SENSITIVITY_WINDOWS = 2  # of the calibration windows: each block's sensitivity costs a forward of the rest
@@ -72,12 +73,28 @@ def router_of(model: nn.Module) -> TokenRouter:
 
 
 class TokenRouting(Transform):
+    def support(self, adapter: ArchAdapter, model_config=None) -> Support:
+        if adapter is ADAPTERS["LlamaForCausalLM"]:
+            return Support(True, exact="approximate (skipped tokens bypass the block)",
+                           served_by=f"transformers; vLLM: the plugin's {ROUTED_ARCHITECTURE}")
+        differences = [text for holds, text in (
+            (adapter.holds(adapter.parallel_block, model_config), "attention and MLP in parallel"),
+            (adapter.qkv_layout != "separate", f"a fused {adapter.qkv_proj}"),
+            (bool(adapter.score_fields), "score scalars " + ", ".join(adapter.score_fields)),
+            (adapter.key_norm is not None, "q/k norms"),
+            (adapter.rope_layout != "rotate_half", "no RoPE")) if holds]
+        return Support(False, "the routed decoder layer reimplements transformers' LlamaDecoderLayer; "
+                              f"{adapter.family}'s layer is not implemented"
+                              + (f" ({'; '.join(differences)})" if differences else ""))
+
     def check(self, model: nn.Module, config: TokenRoutingConfig, context: CalibrationContext) -> None:
         name = architecture(model)
         layers = getattr(getattr(model, "model", None), "layers", [])
-        if name != "LlamaForCausalLM" or not all(type(layer) is LlamaDecoderLayer for layer in layers):
-            raise UnsupportedModelError(f"routing: only LlamaForCausalLM with transformers' LlamaDecoderLayer is "
-                                        f"supported (the routed layer reimplements its attention); got {name}")
+        if name not in ADAPTERS:
+            adapter_for(model)  # the error that names the supported architectures
+        support = self.support(ADAPTERS[name], model.config)
+        if not support.applies or not all(type(layer) is LlamaDecoderLayer for layer in layers):
+            raise UnsupportedModelError(f"routing: {name}: {support.reason or 'its layers are not LlamaDecoderLayer'}")
         implementation = model.config._attn_implementation
         if implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(f"routing: attention implementation {implementation!r} is not supported; load the "

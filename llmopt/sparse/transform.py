@@ -7,11 +7,12 @@ import dataclasses
 import torch
 from torch import nn
 
-from llmopt.arch import adapter_for
+from llmopt.arch import ArchAdapter, adapter_for
+from llmopt.arch.adapter import UnsupportedModelError, architecture, sliding_window
 from llmopt.config import ConfigError
 from llmopt.sparse.attention import STATS_ATTRIBUTE, install
 from llmopt.sparse.config import SparseAttentionConfig
-from llmopt.transforms import CalibrationContext, Transform
+from llmopt.transforms import CalibrationContext, Support, Transform
 
 
 def triton_available() -> bool:
@@ -26,8 +27,23 @@ def triton_available() -> bool:
 
 
 class SparseAttention(Transform):
+    def support(self, adapter: ArchAdapter, model_config=None) -> Support:
+        softcap = "attn_logit_softcapping" in adapter.score_fields and (
+            model_config is None or getattr(model_config, "attn_logit_softcapping", None) is not None)
+        if softcap:
+            return Support(False, "attention scores are soft-capped (attn_logit_softcapping), which the block "
+                                  "selection and the block-sparse kernels do not apply")
+        if model_config is not None and sliding_window(model_config) is not None:
+            return Support(False, f"sliding-window layers (window {sliding_window(model_config)}): the block "
+                                  "selection does not apply the window")
+        return Support(True, "" if model_config is not None else "refused where the config sets a sliding window",
+                       exact="approximate (blocks kept by cumulative attention mass)",
+                       served_by="transformers (torch on CPU, Triton on CUDA); vLLM: the plugin's CPU backend")
+
     def check(self, model: nn.Module, config: SparseAttentionConfig, context: CalibrationContext) -> None:
-        adapter_for(model)
+        support = self.support(adapter_for(model), model.config)
+        if not support.applies:
+            raise UnsupportedModelError(f"sparse: {architecture(model)}: {support.reason}")
         if not model._can_set_attn_implementation():
             raise ConfigError(f"sparse: {type(model).__name__} does not dispatch attention through transformers' "
                               "AttentionInterface, so its attention cannot be switched")
