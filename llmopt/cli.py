@@ -177,14 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llmopt.interrupts import terminate_as_exit
+
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with terminate_as_exit():  # a stopped run removes its temporary outputs, as on Ctrl-C
+            return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
         # what a user can fix (a config, a path, a model llmopt does not support); anything else is a bug and
         # keeps its traceback
         print(f"llmopt {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"llmopt {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
