@@ -3,6 +3,7 @@ engine: a plain model served exactly as without the plugin, sparse and routed ch
 through chunked prefill, batching (and, sparse, the prefix cache), and the OpenAI server under 32 concurrent
 requests."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -378,6 +379,40 @@ def test_llmopt_serve_answers_32_concurrent_requests_as_it_answers_them_one_by_o
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
     assert "CPU defaults VLLM_CPU_KVCACHE_SPACE=" in log.read_text()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_llmopt_serve_stops_on_sigterm_and_leaves_no_engine_process(tmp_path):
+    import psutil
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from llmopt.models.default import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir("smollm2-135m"))
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, vocab_size=len(tokenizer),
+                         architectures=["LlamaForCausalLM"])
+    model = save_optimized(AutoModelForCausalLM.from_config(config), tmp_path / "tiny", tokenizer)
+    port, log = free_port(), tmp_path / "server.log"
+    command = [sys.executable, "-m", "llmopt.cli", "serve", str(model), "--port", str(port), "--dtype", "float32",
+               "--enforce-eager", "--max-model-len", "256"]
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        wait_until_serving(server, f"http://127.0.0.1:{port}/health", log)
+        engine = psutil.Process(server.pid).children(recursive=True)
+        assert engine, "vLLM's API server started no engine process: nothing to check"
+        server.send_signal(signal.SIGTERM)  # as `kill PID` or a supervisor stops it: the server alone
+        assert server.wait(timeout=120) in (0, -signal.SIGTERM, 128 + signal.SIGTERM), log.read_text()[-4000:]
+        _, alive = psutil.wait_procs(engine, timeout=30)
+        assert not alive, f"orphaned after SIGTERM: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # whatever is left in its group, so no later test is slowed
 
 
 @pytest.mark.parametrize("split", [256, 200])
