@@ -53,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
     from llmopt.models import resolve_model
     from llmopt.record import read_record
     from llmopt.vllm_plugin.servable import needs_plugin, served_by_plugin, unservable
-    from llmopt.vllm_plugin.settings import cpu_build, cpu_defaults, fastest_dtype, plugin_enabled
+    from llmopt.vllm_plugin.settings import (cpu_build, cpu_defaults, fastest_dtype, plugin_enabled,
+                                             tensor_parallel_size)
 
     if importlib.util.find_spec("vllm") is None:
         print(f"vLLM is not installed in this environment ({sys.executable}): pip install 'llmopt[serve-cpu]' "
@@ -79,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
         check_checkpoint(model)
     env, dtype = dict(os.environ), args.dtype
     if cpu:
-        defaults = cpu_defaults(env)
+        defaults = cpu_defaults(env, tensor_parallel_size(args.vllm_args))
         env.update(defaults)
         print("llmopt serve: CPU defaults " + (", ".join(f"{k}={v}" for k, v in defaults.items()) or "none needed")
               + " (set them yourself to override)", file=sys.stderr)
