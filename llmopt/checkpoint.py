@@ -9,6 +9,7 @@ with the diagnostics. `load_optimized` rebuilds the model from the record and lo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from llmopt.checkpoint_files import (CheckpointError, check_checkpoint, checkpoint_config, model_config,
                                      weight_files)
+from llmopt.interrupts import terminate_as_exit
 from llmopt.offload import is_offloaded
 from llmopt.patch import diagnostics
 from llmopt.record import ORIGINAL_ARCHITECTURES, RECORD_KEY, original_architectures, read_record
@@ -38,21 +40,42 @@ def save_optimized(model: nn.Module, out_dir: str | Path, tokenizer=None, *, rep
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; llmopt never overwrites a model: choose a new --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
-        # An offloaded model is saved shard by shard, each loaded from the offload folder: keep shards small.
-        model.save_pretrained(tmp, **({"max_shard_size": "100MB"} if is_offloaded(model) else {}))
-        _name_vllm_architecture(tmp / "config.json")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        report = report if report is not None else {"diagnostics": diagnostics(model)}
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        for name, content in (files or {}).items():
-            (tmp / name).write_bytes(content)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _remove_abandoned_partials(out_dir)
+    with terminate_as_exit():  # SIGTERM, like Ctrl-C, runs the finally below: no partial directory is left
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-{os.getpid()}-"))
+        try:
+            # An offloaded model is saved shard by shard, each loaded from the offload folder: keep shards small.
+            model.save_pretrained(tmp, **({"max_shard_size": "100MB"} if is_offloaded(model) else {}))
+            _name_vllm_architecture(tmp / "config.json")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            report = report if report is not None else {"diagnostics": diagnostics(model)}
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+            for name, content in (files or {}).items():
+                (tmp / name).write_bytes(content)
+            tmp.rename(out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _remove_abandoned_partials(out_dir: Path) -> None:
+    """Remove what earlier saves to `out_dir` left when killed outright (SIGKILL, power loss): partial directories
+    whose process no longer runs. A save in progress elsewhere keeps its own."""
+    for partial in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid = partial.name.removeprefix(f".{out_dir.name}.partial-").partition("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def _name_vllm_architecture(config_file: Path) -> None:

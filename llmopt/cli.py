@@ -57,7 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
     from llmopt.models import resolve_model
     from llmopt.record import read_record
     from llmopt.vllm_plugin.servable import needs_plugin, served_by_plugin, unservable
-    from llmopt.vllm_plugin.settings import cpu_build, cpu_defaults, fastest_dtype, plugin_enabled
+    from llmopt.vllm_plugin.settings import (cpu_build, cpu_defaults, fastest_dtype, plugin_enabled,
+                                             tensor_parallel_size)
 
     if importlib.util.find_spec("vllm") is None:
         print(f"vLLM is not installed in this environment ({sys.executable}): pip install 'llmopt[serve-cpu]' "
@@ -83,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
         check_checkpoint(model)
     env, dtype = dict(os.environ), args.dtype
     if cpu:
-        defaults = cpu_defaults(env)
+        defaults = cpu_defaults(env, tensor_parallel_size(args.vllm_args))
         env.update(defaults)
         print("llmopt serve: CPU defaults " + (", ".join(f"{k}={v}" for k, v in defaults.items()) or "none needed")
               + " (set them yourself to override)", file=sys.stderr)
@@ -187,14 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llmopt.interrupts import terminate_as_exit
+
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with terminate_as_exit():  # a stopped run removes its temporary outputs, as on Ctrl-C
+            return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
         # what a user can fix (a config, a path, a model llmopt does not support); anything else is a bug and
         # keeps its traceback
         print(f"llmopt {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"llmopt {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ engine: a plain model served exactly as without the plugin, sparse and routed ch
 through chunked prefill, batching (and, sparse, the prefix cache), and the OpenAI server under 32 concurrent
 requests."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -47,11 +48,11 @@ ROUTING = TokenRoutingConfig(sparsity=0.3, seq_len=64, calibration_tokens=512, a
 
 
 def vllm_generate(model: Path, calls: list, plugins: str, max_tokens: int = 8, routing_counts: bool = False,
-                  engine: dict | None = None) -> dict:
+                  engine: dict | None = None, env: dict | None = None) -> dict:
     spec = {"model": str(model), "engine": {**ENGINE, **(engine or {})}, "calls": calls, "max_tokens": max_tokens,
             "routing_counts": routing_counts}
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_PLUGINS": plugins,
-           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1" if routing_counts else "0"}
+           "VLLM_ALLOW_INSECURE_SERIALIZATION": "1" if routing_counts else "0", **(env or {})}
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_generate.py")), json.dumps(spec)],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -218,6 +219,37 @@ def test_cpu_defaults_size_the_kv_cache_and_keep_what_the_user_set():
 
     assert 1 <= int(cpu_defaults({})["VLLM_CPU_KVCACHE_SPACE"]) <= 16
     assert cpu_defaults({"VLLM_CPU_KVCACHE_SPACE": "3"}) == {}
+
+
+def test_tensor_parallel_workers_get_a_cpu_group_each_where_numa_nodes_are_fewer(monkeypatch):
+    from llmopt.vllm_plugin import settings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    monkeypatch.setattr(settings, "numa_nodes", lambda: 1)
+    kept = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert settings.cpu_defaults(kept, 2) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1|2,3,4"}
+    assert settings.cpu_defaults(kept, 1) == {}  # vLLM's own binding
+    assert settings.cpu_defaults({**kept, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}, 2) == {}
+    monkeypatch.setattr(settings, "numa_nodes", lambda: 2)
+    assert settings.cpu_defaults(kept, 2) == {}  # a node per worker: vLLM binds them itself
+    assert [settings.tensor_parallel_size(args) for args in (
+        [], ["--enforce-eager"], ["--tensor-parallel-size", "2"], ["--tensor-parallel-size=4"], ["-tp", "2"])] == [
+        1, 1, 2, 4, 2]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_kv_compressed_checkpoint_under_tensor_parallelism_2_generates_as_one_process(tmp_path, prompts):
+    from llmopt.vllm_plugin.settings import cpu_defaults
+
+    model = patch_model(tiny_model(**{**SHAPE, "num_key_value_heads": 4}), KVCompressionConfig(num_kv_heads=2,
+                                                                                                method="mean-pool"))
+    path = save_optimized(model, tmp_path / "kv")
+    calls = [[prompts["long"], prompts["short"]]]
+    # the binding llmopt serve sets where the machine has fewer NUMA nodes than workers (vLLM refuses otherwise)
+    split = vllm_generate(path, calls, "llmopt", engine={"tensor_parallel_size": 2},
+                          env=cpu_defaults({"VLLM_CPU_KVCACHE_SPACE": "1"}, 2))
+    assert split["tokens"] == vllm_generate(path, calls, "llmopt")["tokens"]
 
 
 @pytest.mark.vllm
@@ -398,6 +430,40 @@ def test_llmopt_serve_answers_32_concurrent_requests_as_it_answers_them_one_by_o
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
     assert "CPU defaults VLLM_CPU_KVCACHE_SPACE=" in log.read_text()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_llmopt_serve_stops_on_sigterm_and_leaves_no_engine_process(tmp_path):
+    import psutil
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from llmopt.models.default import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir("smollm2-135m"))
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, vocab_size=len(tokenizer),
+                         architectures=["LlamaForCausalLM"])
+    model = save_optimized(AutoModelForCausalLM.from_config(config), tmp_path / "tiny", tokenizer)
+    port, log = free_port(), tmp_path / "server.log"
+    command = [sys.executable, "-m", "llmopt.cli", "serve", str(model), "--port", str(port), "--dtype", "float32",
+               "--enforce-eager", "--max-model-len", "256"]
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        wait_until_serving(server, f"http://127.0.0.1:{port}/health", log)
+        engine = psutil.Process(server.pid).children(recursive=True)
+        assert engine, "vLLM's API server started no engine process: nothing to check"
+        server.send_signal(signal.SIGTERM)  # as `kill PID` or a supervisor stops it: the server alone
+        assert server.wait(timeout=120) in (0, -signal.SIGTERM, 128 + signal.SIGTERM), log.read_text()[-4000:]
+        _, alive = psutil.wait_procs(engine, timeout=30)
+        assert not alive, f"orphaned after SIGTERM: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # whatever is left in its group, so no later test is slowed
 
 
 @pytest.mark.parametrize("split", [256, 200])
