@@ -111,7 +111,7 @@ def tiny_dirs(tmp_path_factory):
     ("llama", "kv:\n  num_kv_heads: 3\n", None, "3 KV heads do not divide the model's 4 KV heads"),
     ("llama", "kv:\n  num_kv_heads: 2\n", "Too few words.", "the text holds 5 tokens, fewer than one window of 512"),
     ("llama", "kv:\n  num_kv_heads: 2\n", "", "the text holds 0 tokens"),
-    ("gpt2", "kv:\n  num_kv_heads: 1\n", None, "architecture GPT2LMHeadModel is not supported"),
+    ("gpt2", "kv:\n  num_kv_heads: 1\n", None, "class has no KV-head count (num_key_value_heads)"),
     ("llama", "kv:\n  num_kv_heads: 2\n  method: mean-pool\nrouting:\n  dense_blocks: [7]\n", None,
      "routing.dense_blocks [7] are not blocks of this 3-block model"),
 ])
