@@ -74,3 +74,20 @@ def model_transforms(model: Any) -> str:
     lines = [f"family: {adapter.family} ({attention_facts(adapter)})"]
     lines += [f"{name}: {cell(support)}" for name, support in supports(adapter, model.config).items()]
     return "\n".join(lines)
+
+
+def families_summary() -> str:
+    """One line per family: which transforms apply (✓) or are refused (✗), and how vLLM serves a KV-compressed
+    result; the reasons and the exactness are in the full table (`families_table`)."""
+    names = available_transforms()
+    lines = ["| architecture | attention | " + " | ".join(names) + " | vLLM serves the KV result |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    for architecture, adapter in ADAPTERS.items():
+        verdicts = supports(adapter)
+        marks = ["✗" if not v.applies else "✓" + (" approx." if "approximate:" in v.exact else "")
+                 + ("*" if v.reason else "") for v in (verdicts[name] for name in names)]
+        kv = verdicts.get("kv")
+        served = kv.served_by.partition("vLLM: ")[2].split(" (")[0] if kv is not None and kv.applies else "–"
+        facts = attention_facts(adapter).replace("|", "\\|")
+        lines.append(f"| {architecture} | {facts} | " + " | ".join(marks) + f" | {served} |")
+    return "\n".join(lines) + "\n\n*: refused for checkpoints whose config sets what the reason names.\n"

@@ -1,7 +1,9 @@
 """The results tables of README.md and docs/*.md, regenerated from the JSON files that hold their numbers.
 
 A table is the block between ``<!-- results: NAME -->`` and ``<!-- /results -->`` in a markdown file; its numbers
-and where they come from (date, machine, commit, command) live in ``docs/results/NAME.json``:
+and where they come from (date, machine, commit, command) live in ``docs/results/NAME.json``. A block
+``<!-- generated: NAME -->`` … ``<!-- /generated -->`` is produced by code instead (`GENERATED`: the families
+table, from the adapter registry):
 
     {"measured": {"date": ..., "machine": ..., "commit": ..., "command": ...},
      "columns": ["model", ...], "rows": [["original", 24.47, ...], ...]}
@@ -24,6 +26,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+GENERATED_BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.S)
+
+
+def families() -> str:
+    from llmopt.families import families_summary
+
+    return families_summary()
+
+
+GENERATED = {"families": families}
 
 
 def cell(value) -> str:
@@ -58,7 +70,12 @@ def regenerate(text: str, results: Path = RESULTS) -> str:
             raise FileNotFoundError(f"the block 'results: {match['name']}' has no {source}")
         return match.group(1) + render(json.loads(source.read_text())) + match.group(4)
 
-    return BLOCK.sub(replace, text)
+    def generate(match: re.Match) -> str:
+        if match["name"] not in GENERATED:
+            raise KeyError(f"no generator for the block 'generated: {match['name']}'; known: {', '.join(GENERATED)}")
+        return match.group(1) + GENERATED[match["name"]]() + match.group(4)
+
+    return GENERATED_BLOCK.sub(generate, BLOCK.sub(replace, text))
 
 
 def markdown_files() -> list[Path]:
