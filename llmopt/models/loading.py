@@ -67,7 +67,7 @@ def structural_transforms(source: str) -> list[str]:
     except json.JSONDecodeError:
         return []  # from_pretrained says what is wrong with it
     return [name for name, settings in (record.transforms.items() if record else ())
-            if not transform_for(settings).vanilla]
+            if not transform_for(settings).is_vanilla(settings)]
 
 
 def _load_structural(source: str, transforms: list[str], dtype: torch.dtype, device_map: str | None,

@@ -41,6 +41,6 @@ FTP, FTP_REFUSAL = "ftp", ("routing on FTP features (attention mass: vLLM's atte
 
 def _vanilla(settings: Any) -> bool:
     try:
-        return transform_for(settings).vanilla
+        return transform_for(settings).is_vanilla(settings)
     except ConfigError:  # its code is not in this installation (a transform that has not landed)
         return False
