@@ -11,9 +11,11 @@ from transformers import AutoModelForCausalLM
 
 from llmopt import KVCompressionConfig, OptimizationConfig, load_optimized, patch_model, save_optimized
 from llmopt.budget import Ladder, greedy_path, longest_within
+from llmopt.calibrate import with_budget
 from llmopt.config import ConfigError
 from llmopt.costs import model_costs
 from llmopt.patch import diagnostics
+from llmopt.routing.config import TokenRoutingConfig
 
 
 def logits(model, ids):
@@ -60,6 +62,16 @@ def test_per_layer_counts_that_cannot_be_served_are_refused(counts, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
                        .replace(")", r"\)")):
         patch_model(tiny_model(), KVCompressionConfig(num_kv_heads=counts, method="mean-pool"))
+
+
+def test_a_per_layer_recipe_round_trips_and_a_budget_needs_a_transform_that_takes_one(tmp_path):
+    recipe = OptimizationConfig(kv=KVCompressionConfig(num_kv_heads=[1, 3, 1]))
+    recipe.to_yaml(tmp_path / "r.yaml")
+    assert OptimizationConfig.from_yaml(tmp_path / "r.yaml") == recipe
+    assert with_budget(recipe, None) is recipe
+    assert with_budget(OptimizationConfig(kv=KVCompressionConfig(ratio=3)), 0.05).get("kv").max_loss == 0.05
+    with pytest.raises(ConfigError, match=r"none of the recipe's transforms \(routing\) takes an accuracy budget"):
+        with_budget(OptimizationConfig(routing=TokenRoutingConfig()), 0.05)
 
 
 def test_config_refuses_bad_counts_and_a_budget_with_a_list():

@@ -84,6 +84,8 @@ class KVCompressionConfig:
                 f"one per layer), got num_kv_heads={self.num_kv_heads!r}, ratio={self.ratio!r}")
         require(self.max_loss is None or self.max_loss > 0,
                 f"kv.max_loss is the perplexity ratio - 1 a user gives up (e.g. 0.03), got {self.max_loss}")
+        require(self.max_loss is None or self.method == "calibrated",
+                "kv.max_loss searches over the calibrated fold: set method: calibrated")
         require(self.max_loss is None or not isinstance(self.num_kv_heads, list),
                 "kv.max_loss chooses the per-layer counts itself: give num_kv_heads as one number (the fewest any "
                 "layer may keep) or ratio, not a list")

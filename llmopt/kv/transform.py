@@ -85,8 +85,6 @@ class KVCompression(Transform):
         shape = attention_shape(model.config)
         targets = config.layer_targets(shape.num_kv_heads, shape.num_layers)
         check_head_counts(shape.num_heads, shape.num_kv_heads, targets, config.tensor_parallel_size)
-        if config.max_loss is not None and config.method != "calibrated":
-            raise ConfigError("kv.max_loss searches over the calibrated fold: set method: calibrated")
         self._calibration_windows(config, context, shape.num_kv_heads // min(targets) * shape.head_dim)
 
     def _calibration_windows(self, config: KVCompressionConfig, context: CalibrationContext,
