@@ -118,3 +118,18 @@ def test_an_accuracy_budget_chooses_per_layer_counts_within_it_and_verifies(tmp_
     with pytest.raises(ConfigError, match=r"max_loss = 1e-05 cannot be met: the lightest setting .* already loses"):
         patch_model(tiny_model(), OptimizationConfig(kv=dataclasses.replace(config, max_loss=1e-5)),
                     calibration=own_text)
+
+
+def test_the_bench_costs_a_per_layer_checkpoint_by_the_sum_of_its_layers(tmp_path):
+    from llmopt.bench import kv_capacity
+    from llmopt.bench.bounds import checkpoint_cost
+    from llmopt.bench.runner import Bench
+    from llmopt.bench.settings import QUICK
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "tiny")
+    patch_model(model, KVCompressionConfig(num_kv_heads=[1, 4, 1], method="mean-pool"))
+    save_optimized(model, tmp_path / "kv")
+    bench = Bench(str(tmp_path / "tiny"), tmp_path / "kv.yaml", QUICK, tmp_path, optimized_dir=tmp_path / "kv")
+    assert kv_capacity.head_ratio(bench) == 12 / 6
+    assert checkpoint_cost(tmp_path / "kv").kv_bytes_per_token == (1 + 4 + 1) * 2 * 16 * 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from llmopt.config import ConfigError, require, require_choice
 from llmopt.distill import DistillationConfig
@@ -130,3 +130,17 @@ class KVCompressionConfig:
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def kv_heads_per_layer(config: Any) -> list[int]:
+    """The KV head count of each layer of a model with HF `config`: its llmopt record's per-layer counts where it
+    has them, else the config's one count in every layer."""
+    from llmopt.arch import attention_shape
+    from llmopt.record import read_record
+
+    shape = attention_shape(config)
+    record = read_record(config)
+    kv = record.get(KVCompressionConfig.name) if record is not None else None
+    if kv is not None and isinstance(kv.num_kv_heads, list):
+        return kv.layer_targets(shape.num_kv_heads, shape.num_layers)
+    return [shape.num_kv_heads] * shape.num_layers

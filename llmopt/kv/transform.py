@@ -16,7 +16,7 @@ import torch.nn as nn
 from llmopt.arch import ArchAdapter, AttentionShape, adapter_for, attention_shape
 from llmopt.config import ConfigError
 from llmopt.kv.budget import spend_budget
-from llmopt.kv.config import METHODS, KVCompressionConfig
+from llmopt.kv.config import METHODS, KVCompressionConfig, kv_heads_per_layer
 from llmopt.kv.fold import fold_attention
 from llmopt.kv.heal import heal_attention
 from llmopt.kv.layerwise import LayerReport, calibrate_layerwise
@@ -164,10 +164,9 @@ class KVCompression(Transform):
 
     def cost(self, model: nn.Module, config: KVCompressionConfig,
              windows: torch.Tensor | None = None) -> dict[str, float]:
-        shape = attention_shape(model.config)
-        if self.is_vanilla(config):
-            return {"kv_bytes_per_token": shape.kv_bytes_per_token(2)}
-        return {"kv_bytes_per_token": sum(config.num_kv_heads) * 2 * shape.head_dim * 2}
+        """K and V bytes per token in bf16, each layer with its own KV head count."""
+        return {"kv_bytes_per_token": 2 * sum(kv_heads_per_layer(model.config))
+                * attention_shape(model.config).head_dim * 2}
 
 
 def record_layer_targets(model: nn.Module, config: KVCompressionConfig, targets: list[int]) -> None:

@@ -14,16 +14,7 @@ from vllm.config import VllmConfig
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from llmopt.record import read_record
-
-
-def layer_kv_heads(config, index: int) -> int:
-    """The KV head count of layer `index` of a model with HF `config` (its record's per-layer count, if any)."""
-    record = read_record(config)
-    kv = record.get("kv") if record is not None else None
-    if kv is not None and isinstance(kv.num_kv_heads, list):
-        return kv.num_kv_heads[index]
-    return config.num_key_value_heads
+from llmopt.kv.config import kv_heads_per_layer
 
 
 class PerLayerKVDecoderLayer(LlamaDecoderLayer):
@@ -31,7 +22,7 @@ class PerLayerKVDecoderLayer(LlamaDecoderLayer):
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
         config = config or vllm_config.model_config.hf_config
-        heads = layer_kv_heads(config, extract_layer_index(prefix))
+        heads = kv_heads_per_layer(config)[extract_layer_index(prefix)]
         if heads != config.num_key_value_heads:
             config = copy.copy(config)
             config.num_key_value_heads = heads
