@@ -9,7 +9,7 @@ import torch
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
-from llmopt import KVCompressionConfig, OptimizationConfig, load_optimized, patch_model, save_optimized
+from llmopt import HealingConfig, KVCompressionConfig, OptimizationConfig, load_optimized, patch_model, save_optimized
 from llmopt.budget import Ladder, greedy_path, longest_within
 from llmopt.calibrate import with_budget
 from llmopt.config import ConfigError
@@ -133,3 +133,16 @@ def test_the_bench_costs_a_per_layer_checkpoint_by_the_sum_of_its_layers(tmp_pat
     bench = Bench(str(tmp_path / "tiny"), tmp_path / "kv.yaml", QUICK, tmp_path, optimized_dir=tmp_path / "kv")
     assert kv_capacity.head_ratio(bench) == 12 / 6
     assert checkpoint_cost(tmp_path / "kv").kv_bytes_per_token == (1 + 4 + 1) * 2 * 16 * 2
+
+
+def test_healing_runs_on_the_allocation_the_budget_chose(own_text):
+    healing = HealingConfig(steps=2, learning_rate=1e-3, seq_len=64, batch_size=2, tokens=256, warmup_steps=1,
+                            precision="float32")
+    model = tiny_model()
+    patch_model(model, KVCompressionConfig(num_kv_heads=1, max_loss=0.006, calibration_tokens=768,
+                                           search_tokens=256, verify_tokens=256, seq_len=64, healing=healing),
+                calibration=own_text)
+    report = diagnostics(model)["kv"]
+    assert report["healing"]["steps"] == 2
+    assert [i for i, heads in enumerate(kv_heads(model)) if heads == 1] == report["budget"]["compressed_layers"]
+    assert 0 < len(report["budget"]["compressed_layers"]) < 3
