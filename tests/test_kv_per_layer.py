@@ -54,7 +54,8 @@ def test_a_uniform_list_is_a_vanilla_checkpoint(tmp_path, token_windows_tiny):
 
 
 @pytest.mark.parametrize("counts, message", [
-    ([3, 4, 4], "3 KV heads (layer 0) do not divide the model's 4 KV heads; choose one of [1, 2] or 4"),
+    ([3, 4, 3], "layers [0, 2] ask for [3, 3] KV heads, which do not divide the model's 4 KV heads; choose one of "
+                "[1, 2] or 4"),
     ([4, 4, 4], "already has 4 KV heads"),
     ([2, 2], "lists 2 counts; the model has 3 layers"),
 ])

@@ -112,10 +112,10 @@ class KVCompressionConfig:
         return [self.target_kv_heads(num_kv_heads)] * num_layers
 
     def target_kv_heads(self, num_kv_heads: int) -> int:
-        """The KV head count after compression, for a layer that has `num_kv_heads` today (the fewest any layer
-        keeps where the config lists one count per layer)."""
+        """The KV head count after compression of every layer, each of which has `num_kv_heads` today (a config
+        with one count per layer: see `layer_targets`)."""
         if isinstance(self.num_kv_heads, list):
-            return min(self.num_kv_heads)
+            raise ConfigError("kv.num_kv_heads lists one count per layer: ask layer_targets for them")
         if self.num_kv_heads is not None:
             return self.num_kv_heads
         if num_kv_heads % self.ratio:

@@ -31,11 +31,12 @@ def check_head_counts(num_heads: int, num_kv_heads: int, targets: list[int], ten
     divisors = [n for n in range(1, num_kv_heads + 1) if num_kv_heads % n == 0]
     wrong = [(index, target) for index, target in enumerate(targets) if target not in divisors]
     if wrong:
-        index, target = wrong[0]
-        where = "" if is_uniform(targets) else f" (layer {index}{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''})"
-        raise ConfigError(f"kv: {target} KV heads{where} do not divide the model's {num_kv_heads} KV heads; "
-                          f"choose one of {divisors[:-1]}" + ("" if is_uniform(targets) else
-                                                              f" or {num_kv_heads} (the layer unchanged)"))
+        if is_uniform(targets):
+            raise ConfigError(f"kv: {targets[0]} KV heads do not divide the model's {num_kv_heads} KV heads; "
+                              f"choose one of {divisors[:-1]}")
+        raise ConfigError(f"kv: layers {[i for i, _ in wrong]} ask for {[t for _, t in wrong]} KV heads, which do "
+                          f"not divide the model's {num_kv_heads} KV heads; choose one of {divisors[:-1]} or "
+                          f"{num_kv_heads} (the layer unchanged)")
     if min(targets) == num_kv_heads:
         raise ConfigError(f"kv: the model already has {num_kv_heads} KV heads; ask for fewer (a divisor of it)")
     tp = tensor_parallel_size
