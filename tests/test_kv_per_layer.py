@@ -147,3 +147,20 @@ def test_healing_runs_on_the_allocation_the_budget_chose(own_text):
     assert report["healing"]["steps"] == 2
     assert [i for i, heads in enumerate(kv_heads(model)) if heads == 1] == report["budget"]["compressed_layers"]
     assert 0 < len(report["budget"]["compressed_layers"]) < 3
+
+
+def test_the_frontier_tables_and_plots_per_layer_points_against_the_original(tmp_path):
+    from llmopt.eval.frontier import frontier_markdown, frontier_png
+
+    def point(layers: int, wikipedia: float, news: float) -> dict:
+        return {"layers": layers, "kv_bytes_per_token": 2 * 64 * 2 * (90 - 2 * layers), "wikipedia-ppl": wikipedia,
+                "news-ppl": news}
+
+    result = {"original": point(0, 20.0, 30.0),
+              "calibrated": {"points": [point(15, 24.0, 33.0), point(30, 90.0, 120.0)], "sensitivity_kl": [0.1] * 30},
+              "mean-pool": {"points": [point(15, 900.0, 800.0)], "sensitivity_kl": [1.0] * 30}}
+    table = frontier_markdown(result)
+    assert "| ours per-layer | 15 | 15,360 | 1.50× | 24.00 (×1.200) | 33.00 (×1.100) |" in table
+    assert "| ours per-layer (= uniform) | 30 | 7,680 | 3.00× |" in table
+    assert "| mean-pool per-layer | 15 |" in table
+    assert frontier_png(result, tmp_path / "frontier.png").stat().st_size > 10_000
