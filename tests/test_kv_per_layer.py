@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from llmopt import HealingConfig, KVCompressionConfig, OptimizationConfig, load_optimized, patch_model, save_optimized
 from llmopt.budget import Ladder, greedy_path, longest_within
-from llmopt.calibrate import with_budget
+from llmopt.calibrate import recipe_baselines, with_budget
 from llmopt.config import ConfigError
 from llmopt.costs import model_costs
 from llmopt.patch import diagnostics
@@ -71,6 +71,8 @@ def test_a_per_layer_recipe_round_trips_and_a_budget_needs_a_transform_that_take
     assert OptimizationConfig.from_yaml(tmp_path / "r.yaml") == recipe
     assert with_budget(recipe, None) is recipe
     assert with_budget(OptimizationConfig(kv=KVCompressionConfig(ratio=3)), 0.05).get("kv").max_loss == 0.05
+    budgeted = with_budget(recipe.replace("kv", KVCompressionConfig(num_kv_heads=1)), 0.05)
+    assert recipe_baselines(budgeted, ["mean-pool"])["mean-pool"].get("kv").max_loss is None  # uniform baselines
     with pytest.raises(ConfigError, match=r"none of the recipe's transforms \(routing\) takes an accuracy budget"):
         with_budget(OptimizationConfig(routing=TokenRoutingConfig()), 0.05)
 

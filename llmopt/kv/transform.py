@@ -160,7 +160,7 @@ class KVCompression(Transform):
                 fold_attention(attention, adapter, fold, shape.num_heads, shape.num_kv_heads, shape.head_dim)
 
     def baselines(self, config: KVCompressionConfig) -> dict[str, KVCompressionConfig]:
-        return {method: dataclasses.replace(config, method=method, layer_healing=None, healing=None)
+        return {method: dataclasses.replace(config, method=method, max_loss=None, layer_healing=None, healing=None)
                 for method in METHODS if method != config.method}
 
     def cost(self, model: nn.Module, config: KVCompressionConfig,
