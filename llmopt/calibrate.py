@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -34,13 +35,46 @@ def recipe_baselines(config: OptimizationConfig, names: list[str]) -> dict[str, 
     return {name: offered[name] for name in names}
 
 
+def with_budget(config: OptimizationConfig, max_loss: float | None) -> OptimizationConfig:
+    """The recipe with `max_loss` set on every transform that takes an accuracy budget (refused if none does)."""
+    if max_loss is None:
+        return config
+    budgeted = {name: settings for name, settings in config.transforms.items()
+                if "max_loss" in {f.name for f in dataclasses.fields(settings)}}
+    if not budgeted:
+        raise ConfigError(f"--max-loss: none of the recipe's transforms ({', '.join(config.transforms)}) takes an "
+                          f"accuracy budget yet; kv does")
+    for name, settings in budgeted.items():
+        config = config.replace(name, dataclasses.replace(settings, max_loss=max_loss))
+    return config
+
+
+def budget_lines(max_loss: float, scores: dict, transforms: dict[str, dict]) -> str:
+    """Markdown: what each transform's budget search chose, and the budget against the loss measured on each
+    held-out perplexity task of the report."""
+    lines = ["", f"Accuracy budget: max_loss {max_loss:g} (held-out perplexity ratio - 1)", ""]
+    for name, report in transforms.items():
+        if "budget" in report:
+            budget = report["budget"]
+            lines.append(f"- {name}: {len(budget['compressed_layers'])} layers changed "
+                         f"({budget['compressed_layers']}), KV {budget['kv_ratio']:g}x smaller; loss "
+                         f"{budget['search_loss']:.4f} on the {budget['search_windows']} search windows, "
+                         f"{budget['verified_loss']:.4f} on {budget['verify_windows']} verification windows")
+    for task, score in scores[OURS].items():
+        if score.metric == "ppl":
+            loss = score.value / scores[ORIGINAL][task].value - 1
+            lines.append(f"- {task}: measured loss {loss:.4f} "
+                         f"({'within' if loss <= max_loss else 'OUTSIDE'} the budget)")
+    return "\n".join(lines) + "\n"
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     from llmopt.data.corpora import calibration_texts
     from llmopt.data.windows import read_texts
     from llmopt.eval.suite import checked_tasks
     from llmopt.models import load_model
 
-    config = OptimizationConfig.from_yaml(args.config)
+    config = with_budget(OptimizationConfig.from_yaml(args.config), args.max_loss)
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new --out (llmopt never overwrites a model)")
@@ -107,6 +141,8 @@ def _calibrate_loaded(args: argparse.Namespace, config: OptimizationConfig, mode
     report = Report(ORIGINAL, scores, facts, run=run)
     details, files = describe_diagnostics(diagnostics(model))
     markdown = report.to_markdown() + details
+    if args.max_loss is not None:
+        markdown += budget_lines(args.max_loss, scores, diagnostics(model))
     print(markdown)
     with tempfile.TemporaryDirectory() as tmp:
         plots = report.write(tmp)

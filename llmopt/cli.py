@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "layer is brought in, transformed and written back in turn")
     calibrate.add_argument("--offload-folder", default=None,
                            help="where offloaded weights go with --max-memory (default: a temporary folder)")
+    calibrate.add_argument("--max-loss", type=float, default=None, metavar="SHARE",
+                           help="an accuracy budget: the held-out perplexity ratio - 1 you give up (0.03: at most "
+                                "3%% higher perplexity); the recipe's settings become the most any layer may take, "
+                                "each layer gets its own (kv: KV heads per layer), searched on calibration text and "
+                                "verified on held-out text")
     calibrate.set_defaults(run=_calibrate)
 
     evaluate = commands.add_parser("eval", help="accuracy retention against a reference model and baselines")

@@ -120,7 +120,15 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
-        return _coerce(options[0], value, where) if len(options) == 1 else value
+        if len(options) == 1:
+            return _coerce(options[0], value, where)
+        for option in options:  # the first that takes the value (e.g. int | list[int])
+            try:
+                return _coerce(option, value, where)
+            except ConfigError:
+                pass
+        names = " or ".join(o.__name__ if typing.get_origin(o) is None else str(o) for o in options)
+        raise ConfigError(f"{where} must be {names}, got {value!r}")
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, f"{where}.")
     if origin is Literal:

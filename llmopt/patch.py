@@ -35,6 +35,7 @@ def patch_model(model: nn.Module, config: Any, *, tokenizer=None, calibration=No
         except BaseException:
             write_record(model, before)
             raise
+        record = read_record(model)  # a transform may record what it chose (e.g. kv counts under a budget)
     setattr(model, DIAGNOSTICS_ATTRIBUTE, diagnostics)
     return model
 

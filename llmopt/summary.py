@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from llmopt.arch import attention_shape
+from llmopt.kv.config import kv_heads_per_layer
 from llmopt.record import read_record
 
 KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
@@ -22,6 +23,7 @@ def rope_description(config) -> str:
 def model_summary(model: nn.Module) -> str:
     config = model.config
     shape = attention_shape(config)
+    heads = kv_heads_per_layer(config)
     params = sum(p.numel() for p in model.parameters())
     rows = [
         ("architecture", (getattr(config, "architectures", None) or [type(model).__name__])[0]),
@@ -29,12 +31,13 @@ def model_summary(model: nn.Module) -> str:
         ("layers", shape.num_layers),
         ("hidden size", shape.hidden_size),
         ("attention heads", shape.num_heads),
-        ("KV heads", shape.num_kv_heads),
+        ("KV heads", shape.num_kv_heads if len(set(heads)) == 1 else f"per layer {heads}"),
         ("head dim", shape.head_dim),
         ("RoPE", rope_description(config)),
         ("tied embeddings", bool(getattr(config, "tie_word_embeddings", False))),
     ]
-    rows += [(f"KV bytes/token ({name})", f"{shape.kv_bytes_per_token(size):,}") for name, size in KV_DTYPES.items()]
+    rows += [(f"KV bytes/token ({name})", f"{2 * sum(heads) * shape.head_dim * size:,}")
+             for name, size in KV_DTYPES.items()]
     record = read_record(model)
     if record:
         rows.append(("llmopt transforms", ", ".join(record.transforms)))

@@ -115,6 +115,10 @@ class Transform:
 
     vanilla: ClassVar[bool] = False
 
+    def is_vanilla(self, config: Any) -> bool:
+        """Whether the result of `config` is a plain checkpoint (`vanilla`, unless the config decides otherwise)."""
+        return self.vanilla
+
     def check(self, model: nn.Module, config: Any, context: CalibrationContext) -> None:
         """Raise (ConfigError, ValueError) if `calibrate` would fail; runs for every transform before any runs."""
 

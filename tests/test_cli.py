@@ -48,6 +48,7 @@ def test_bench_refuses_an_unknown_section(capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--baselines", "nope"], "unknown --baseline nope: the recipe's transforms (kv) offer calibrated, keep-one, svd-w"),
     (["--eval-windows", "0"], "--eval-windows must be at least 1"),
+    (["--max-loss", "0.03"], "kv.max_loss searches over the calibrated fold: set method: calibrated"),
 ])
 def test_calibrate_refuses_bad_arguments_before_loading_a_model(tmp_path, capsys, extra, message):
     recipe = tmp_path / "r.yaml"

@@ -305,6 +305,20 @@ def test_sparse_checkpoint_runs_vllms_dense_kernel_below_the_crossover(tmp_path,
     assert vllm_generate(path, [[prompts["long"], prompts["long_b"]]], "llmopt")["tokens"] == [expected]
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_per_layer_kv_checkpoint_gives_the_greedy_tokens_of_transformers_in_a_per_layer_cache(tmp_path, prompts):
+    model = patch_model(tiny_model(**SHAPE), KVCompressionConfig(num_kv_heads=[1, 2, 1], method="mean-pool"))
+    expected = {name: greedy(model, ids) for name, ids in prompts.items()}
+    path = save_optimized(model, tmp_path / "kv")
+    assert json.loads((path / "config.json").read_text())["architectures"] == ["LlmoptKVLlamaForCausalLM"]
+    result = vllm_generate(path, [[prompts["long"]], [prompts["long_b"], prompts["short"]]], "llmopt")
+    assert result["tokens"] == [[expected["long"]], [expected["long_b"], expected["short"]]]
+    # VLLM_CPU_KVCACHE_SPACE=1 GiB of float32 K and V: 1 + 2 + 1 heads of 32, not 3 layers of 2 heads
+    bytes_per_token = (1 + 2 + 1) * 2 * 32 * 4
+    assert 0 <= 2**30 / bytes_per_token - result["capacity_tokens"] < 2 * 128, result["capacity_tokens"]
+
+
 def routed_model(calibration: torch.Tensor, kv: KVCompressionConfig | None = None, sparse: bool = False):
     recipe = OptimizationConfig(routing=ROUTING, **({"kv": kv} if kv else {}), **({"sparse": SPARSE} if sparse else {}))
     return patch_model(tiny_model(**SHAPE), recipe, calibration=calibration)

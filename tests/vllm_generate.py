@@ -3,7 +3,7 @@
 SPEC: {"model": dir, "engine": {further vllm.LLM arguments; enforce_eager defaults to True}, "calls": [[prompt token ids, ...], ...],
 "max_tokens": n, "routing_counts": bool}. Each call is one `generate` on the same engine, in order (so later calls
 can hit the prefix cache). RESULT: per call and prompt the greedy tokens, their logprobs and the prompt tokens found
-in the prefix cache; the CPU attention backend this process resolved; with routing_counts, a routed model's
+in the prefix cache; the CPU attention backend this process resolved; the KV cache capacity in tokens; with routing_counts, a routed model's
 ``{block: [tokens routed, tokens kept]}`` over all calls (read from the worker: needs
 VLLM_ALLOW_INSECURE_SERIALIZATION=1). A script of its own because vLLM starts its workers
 with spawn (the entry point needs `__main__`).
@@ -21,7 +21,9 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     llm = LLM(model=spec["model"], dtype="float32", seed=0, **{"enforce_eager": True, **spec.get("engine", {})})
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), logprobs=0, detokenize=False)
-    result = {"tokens": [], "logprobs": [], "cached": [], "backend": AttentionBackendEnum.CPU_ATTN.get_path()}
+    cache = llm.llm_engine.vllm_config.cache_config
+    result = {"tokens": [], "logprobs": [], "cached": [], "backend": AttentionBackendEnum.CPU_ATTN.get_path(),
+              "capacity_tokens": cache.num_gpu_blocks * cache.block_size}
     for prompts in spec["calls"]:
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
         completions = [output.outputs[0] for output in outputs]

@@ -1,5 +1,6 @@
 """KV bytes per token (from the configs) and vLLM's KV capacity (read from the engine: blocks × block size) in the
-same KV space, original vs KV-compressed; the capacity ratio must match the KV-head ratio."""
+same KV space, original vs KV-compressed; the capacity ratio must match the KV-head ratio (the heads of all layers
+summed: a checkpoint may keep its own count in each layer)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ TOLERANCE = 0.03
 def head_ratio(bench) -> float:
     from transformers import AutoConfig
 
-    from llmopt.arch import attention_shape
+    from llmopt.kv.config import kv_heads_per_layer
 
-    original, optimized = (attention_shape(AutoConfig.from_pretrained(d)) for d in (bench.original(),
-                                                                                   bench.optimized()))
-    return original.num_kv_heads / optimized.num_kv_heads
+    original, optimized = (sum(kv_heads_per_layer(AutoConfig.from_pretrained(d))) for d in (bench.original(),
+                                                                                           bench.optimized()))
+    return original / optimized
 
 
 def run(bench) -> SectionResult:

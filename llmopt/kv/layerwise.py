@@ -72,12 +72,13 @@ class LayerReport:
 
 
 @torch.no_grad()
-def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: AttentionShape, groups: int,
+def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: AttentionShape, groups: list[int],
                         windows: torch.Tensor, solve: Callable[[nn.Module, LayerStatistics], GroupFold],
                         refit: bool, healing: LayerHealingConfig | None = None,
                         batch_size: int = 4) -> list[LayerReport]:
-    """Fold every layer in turn: statistics on its current inputs → `solve` → fold → optional o_proj refit →
-    optional layer-wise healing toward the original model's trajectory (carried alongside).
+    """Fold every layer in turn into its count of `groups` (KV heads; a layer that keeps all it has is passed
+    through): statistics on its current inputs → `solve` → fold → optional o_proj refit → optional layer-wise
+    healing toward the original model's trajectory (carried alongside).
 
     The last eighth of the windows is held out from the fit and only measures the reconstruction error.
     """
@@ -86,15 +87,24 @@ def calibrate_layerwise(model: nn.Module, adapter: ArchAdapter, shape: Attention
     check = first_layer_inputs(model, adapter, windows[len(windows) - held_out:], batch_size) if held_out else []
     original_trajectory = list(fit)
     reports = []
-    for index, layer in enumerate(tqdm(adapter.decoder_layers(model), desc="calibrating layers", unit="layer")):
+    layers = adapter.decoder_layers(model)
+    for index, (layer, layer_groups) in enumerate(tqdm(zip(layers, groups), desc="calibrating layers", unit="layer",
+                                                       total=len(layers))):
         rotary = adapter.rotary_dims(model.config, index)
         with onloaded(layer):
+            if layer_groups == shape.num_kv_heads:
+                reports.append(LayerReport(0.0, 0.0, None))
+                if healing:
+                    original_trajectory = next_layer_inputs(layer, original_trajectory)
+                fit, check = next_layer_inputs(layer, fit), next_layer_inputs(layer, check)
+                continue
             if healing:  # the layer is still the original one: its output on the original trajectory is the target
                 original_trajectory = next_layer_inputs(layer, original_trajectory)
             attention = layer.get_submodule(adapter.attention)
             calls: list[tuple[dict, torch.Tensor]] = []
-            fit_stats = _run_collecting(layer, attention, adapter, shape, groups, rotary, fit, calls if refit else None)
-            check_stats = (_run_collecting(layer, attention, adapter, shape, groups, rotary, check) if check
+            fit_stats = _run_collecting(layer, attention, adapter, shape, layer_groups, rotary, fit,
+                                        calls if refit else None)
+            check_stats = (_run_collecting(layer, attention, adapter, shape, layer_groups, rotary, check) if check
                            else fit_stats)
             fold = solve(attention, fit_stats)
             key_error, value_error = reconstruction_error(fold, check_stats)

@@ -74,7 +74,7 @@ def structural_transforms(source: str) -> list[str]:
 
     record = read_record(checkpoint_config(source)) if (Path(source) / "config.json").is_file() else None
     return [name for name, settings in (record.transforms.items() if record else ())
-            if not transform_for(settings).vanilla]
+            if not transform_for(settings).is_vanilla(settings)]
 
 
 def _load_structural(source: str, transforms: list[str], dtype: torch.dtype, device_map: str | None,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from llmopt.arch import adapter_for
+from llmopt.budget import Ladder, greedy_path
 from llmopt.config import ConfigError
 from llmopt.distill import kl_divergence
 from llmopt.hooks import first_layer_inputs, layer_output, next_layer_inputs
@@ -38,7 +39,8 @@ def uniform_allocation(budget: float, num_layers: int, dense_blocks: list[int], 
 def greedy_allocation(sensitivity: torch.Tensor, budget: float, dense_blocks: list[int], skipped_share: float,
                       maximum: float, levels: tuple[float, ...] = LEVELS) -> list[float]:
     """Per-block token sparsity from ``sensitivity [n, len(levels)]`` (KL at each level, 0 at no skipping, linear
-    between), raised in steps of `STEP` where the KL grows least until the skipped FLOPs reach `budget`."""
+    between), raised in steps of `STEP` where the KL grows least (`llmopt.budget.greedy_path`) until the skipped
+    FLOPs reach `budget`."""
     num_layers = sensitivity.shape[0]
     levels = torch.tensor((0.0, *levels), dtype=torch.float64)
     curve = torch.cat([torch.zeros(num_layers, 1, dtype=torch.float64), sensitivity.double()], 1)
@@ -51,15 +53,19 @@ def greedy_allocation(sensitivity: torch.Tensor, budget: float, dense_blocks: li
         weight = (share - levels[lower].item()) / (levels[upper] - levels[lower]).item()
         return ((1 - weight) * curve[index, lower] + weight * curve[index, upper]).item()
 
-    shares = [0.0] * num_layers
     blocks = routable(num_layers, dense_blocks)
+    top = int((maximum + 1e-9) / STEP)
+    ladders = [Ladder(tuple(rung * STEP for rung in range(top + 1 if index in blocks else 1)),
+                      tuple(kl(index, rung * STEP) for rung in range(top + 1 if index in blocks else 1)))
+               for index in range(num_layers)]
+    shares = [0.0] * num_layers
+    path = greedy_path(ladders)
     while sum(shares) * skipped_share < budget * num_layers:
-        open_blocks = [index for index in blocks if shares[index] + STEP <= maximum + 1e-9]
-        if not open_blocks:
+        rungs = next(path, None)
+        if rungs is None:
             raise ConfigError(f"routing.sparsity = {budget} cannot be reached with max_block_sparsity = {maximum} "
                               f"in {len(blocks)} routable blocks")
-        best = min(open_blocks, key=lambda index: kl(index, shares[index] + STEP) - kl(index, shares[index]))
-        shares[best] = round(shares[best] + STEP, 6)
+        shares = [round(rung * STEP, 6) for rung in rungs]
     return shares
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 CPU_ATTENTION = "llmopt.vllm_plugin.cpu_attention.SparseCPUAttentionBackend"
 ROUTED_ARCHITECTURE = "LlmoptLlamaForCausalLM"  # what a routed checkpoint's config.json names for vLLM
-MODELS = {ROUTED_ARCHITECTURE: "llmopt.vllm_plugin.routed_llama:LlmoptLlamaForCausalLM"}
+PER_LAYER_KV_ARCHITECTURE = "LlmoptKVLlamaForCausalLM"  # ... and one with KV heads per layer, not routed
+MODELS = {ROUTED_ARCHITECTURE: "llmopt.vllm_plugin.routed_llama:LlmoptLlamaForCausalLM",
+          PER_LAYER_KV_ARCHITECTURE: "llmopt.vllm_plugin.per_layer_kv:LlmoptKVLlamaForCausalLM"}
 
 _registered = False
 

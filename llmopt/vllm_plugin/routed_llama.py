@@ -19,18 +19,19 @@ import torch
 from torch import nn
 from vllm.compilation.decorators import ignore_torch_compile
 from vllm.config import CompilationConfig, VllmConfig
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
 from llmopt.record import read_record
 from llmopt.routing.router import TokenRouter
 from llmopt.vllm_plugin.kept_attention import kept_attention, step_metadata, write_kv
+from llmopt.vllm_plugin.per_layer_kv import PerLayerKVDecoderLayer
 from llmopt.vllm_plugin.servable import FTP, FTP_REFUSAL
 
 
-class RoutedDecoderLayer(LlamaDecoderLayer):
-    """vLLM's Llama layer asking the model's router which tokens run it. Returns ``(mlp_out, residual)`` as vLLM's
+class RoutedDecoderLayer(PerLayerKVDecoderLayer):
+    """vLLM's Llama layer (with its own KV head count) asking the model's router which tokens run it. Returns ``(mlp_out, residual)`` as vLLM's
     layers do (the next norm adds them): a skipped token's row is ``(its skip adapter's update or 0, its input)``."""
 
     token_router: TokenRouter

@@ -6,19 +6,23 @@ from typing import Any
 
 from llmopt.config import ConfigError, OptimizationConfig
 from llmopt.transforms import transform_for
-from llmopt.vllm_plugin import ROUTED_ARCHITECTURE
+from llmopt.vllm_plugin import PER_LAYER_KV_ARCHITECTURE, ROUTED_ARCHITECTURE
 
 
 def served_by_plugin(cpu: bool) -> tuple[str, ...]:
     """The transforms that need code inside vLLM and that this plugin provides, on a CPU or a GPU build of vLLM
     (both run on vLLM's CPU attention backend; the CUDA side has not landed)."""
-    return ("routing", "sparse") if cpu else ()
+    return ("kv", "routing", "sparse") if cpu else ("kv",)
 
 
 def vllm_architecture(record: OptimizationConfig | None) -> str | None:
     """The architecture a checkpoint with `record` must name in its config.json so that vLLM runs llmopt's model
-    class (routing: stock vLLM would load the Llama and ignore the routers); None: the original one serves."""
-    return ROUTED_ARCHITECTURE if record is not None and record.get("routing") is not None else None
+    class (routing: stock vLLM would load the Llama and ignore the routers; KV heads per layer: stock vLLM would
+    build every layer with the config's count); None: the original one serves."""
+    if record is not None and record.get("routing") is not None:
+        return ROUTED_ARCHITECTURE
+    kv = record.get("kv") if record is not None else None
+    return PER_LAYER_KV_ARCHITECTURE if kv is not None and not _vanilla(kv) else None
 
 
 def needs_plugin(record: OptimizationConfig | None) -> list[str]:
@@ -41,6 +45,6 @@ FTP, FTP_REFUSAL = "ftp", ("routing on FTP features (attention mass: vLLM's atte
 
 def _vanilla(settings: Any) -> bool:
     try:
-        return transform_for(settings).vanilla
+        return transform_for(settings).is_vanilla(settings)
     except ConfigError:  # its code is not in this installation (a transform that has not landed)
         return False
