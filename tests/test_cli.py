@@ -72,13 +72,13 @@ def test_yaml_syntax_errors_and_corrupt_configs_are_messages(tmp_path, capsys):
 
 
 def test_serve_refuses_what_vllm_cannot_serve_before_starting(tmp_path, capsys):
-    from toy_transforms import register_toy_transforms
+    from toy_transforms import registered_toy_transforms
 
-    register_toy_transforms()
     model = tmp_path / "scaled"
     model.mkdir()
     (model / "config.json").write_text('{"llmopt": {"version": 2, "toy_scale": {}}}')
-    assert main(["serve", str(model)]) == 2
+    with registered_toy_transforms():
+        assert main(["serve", str(model)]) == 2
     assert "uses toy_scale, which needs llmopt's vLLM plugin" in capsys.readouterr().err
 
 

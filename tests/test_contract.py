@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from toy_transforms import FailingConfig, MissingConfig, OutputScale, OutputScaleConfig, ScaledNorm, register_toy_transforms
+from toy_transforms import FailingConfig, MissingConfig, OutputScale, OutputScaleConfig, ScaledNorm, registered_toy_transforms
 
 from llmopt import KVCompressionConfig, OptimizationConfig, load_optimized, patch_model, save_optimized
 from llmopt.checkpoint import CheckpointError
@@ -14,7 +14,8 @@ from llmopt.config import ConfigError
 
 @pytest.fixture(scope="module", autouse=True)
 def toys():
-    register_toy_transforms()
+    with registered_toy_transforms():
+        yield
 
 
 def logits(model, ids):

@@ -1,6 +1,7 @@
 """Toy transforms that exercise the contract: a non-vanilla one with an extra weight, one that refuses in check(),
 one whose module does not exist. Registered at run time, as a third party would."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -68,6 +69,17 @@ class MissingConfig:
     transform: ClassVar[str] = "llmopt.not_a_module:Nothing"
 
 
-def register_toy_transforms() -> None:
+@contextmanager
+def registered_toy_transforms():
+    """The toy transforms registered inside the block only: tests after it (the families table) see the installed
+    transforms alone."""
+    from llmopt import transforms
+
+    installed = {name: transforms.config_class(name) for name in transforms.available_transforms()}
     for config in (OutputScaleConfig, FailingConfig, MissingConfig):
         register_transform(config)
+    try:
+        yield
+    finally:
+        transforms._CONFIGS.clear()
+        transforms._CONFIGS.update(installed)

@@ -198,6 +198,8 @@ class KVCompression(Transform):
     def apply(self, model: nn.Module, config: KVCompressionConfig) -> None:
         """Give each layer its recorded KV head count (k/v projections and the query grouping); nothing to do for a
         uniform count, which the saved config already holds (a vanilla checkpoint). The weights load after."""
+        if self.is_vanilla(config):
+            return
         adapter, shape = adapter_for(model), attention_shape(model.config)
         for attention, target in zip(adapter.attention_modules(model),
                                      config.layer_targets(shape.num_kv_heads, shape.num_layers)):
