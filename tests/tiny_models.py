@@ -17,18 +17,23 @@ def tiny_model(family: str = "llama", **overrides) -> torch.nn.Module:
     config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                              "qwen2": "Qwen2ForCausalLM"}[family]]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # random init gives near-uniform attention; sharpen it so errors show
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(4.0)
-            if name.endswith("bias"):
-                param.normal_(0, 0.5)
-            if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) and param.dim() == 1:
-                # the spread of real q/k norm weights, equal on both dims of each RoPE plane (where a merge of
-                # redundant heads after the norm stays lossless); Gemma's norms scale by 1 + weight
-                half = torch.exp(0.5 * torch.randn(param.shape[0] // 2))
-                param.copy_(torch.cat([half, half]) - (1.0 if "gemma" in model_type else 0.0))
+    return sharpened(AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), family)
+
+
+@torch.no_grad()
+def sharpened(model: torch.nn.Module, model_type: str) -> torch.nn.Module:
+    """Random init gives near-uniform attention: q/k scaled up and biases drawn so that a fold's errors show."""
+    for name, param in model.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight", "query_key_value.weight",
+                          "c_attn.weight")):
+            param.mul_(4.0)
+        if name.endswith("bias"):
+            param.normal_(0, 0.5)
+        if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) and param.dim() == 1:
+            # the spread of real q/k norm weights, equal on both dims of each RoPE plane (where a merge of
+            # redundant heads after the norm stays lossless); Gemma's norms scale by 1 + weight
+            half = torch.exp(0.5 * torch.randn(param.shape[0] // 2))
+            param.copy_(torch.cat([half, half]) - (1.0 if "gemma" in model_type else 0.0))
     return model
 
 
@@ -72,17 +77,5 @@ def tiny_family_model(architecture: str, **sizes) -> torch.nn.Module:
     torch.manual_seed(0)
     # eager attention where the family's scores have more than SDPA applies (Gemma2's soft-capping)
     implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=implementation).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight", "query_key_value.weight",
-                              "c_attn.weight")):
-                param.mul_(4.0)
-            if name.endswith("bias"):
-                param.normal_(0, 0.5)
-            if name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) and param.dim() == 1:
-                # the spread of real q/k norm weights, equal on both dims of each RoPE plane (where a merge of
-                # redundant heads after the norm stays lossless); Gemma's norms scale by 1 + weight
-                half = torch.exp(0.5 * torch.randn(param.shape[0] // 2))
-                param.copy_(torch.cat([half, half]) - (1.0 if "gemma" in model_type else 0.0))
-    return model
+    return sharpened(AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                      attn_implementation=implementation).eval(), model_type)
