@@ -82,13 +82,16 @@ def markdown_files() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def from_report(path: Path, tasks: list[str] | None) -> dict:
+COSTS = ("KV bytes/token", "FLOPs skipped")  # the cost columns a report can fill; those no model has are left out
+
+
+def from_report(path: Path, tasks: list[str] | None, note: str = "") -> dict:
     """A result file from a retention report: one row per model, each task's score with its retention."""
     data = json.loads(path.read_text())
     report = data.get("retention", data)  # a checkpoint's llmopt_report.json holds the report under "retention"
     run, retained = report["run"], report["retention"]
     tasks = tasks or report["tasks"]
-    columns = ["model", *tasks, "mean retention", "KV bytes/token", "FLOPs skipped"]
+    columns = ["model", *tasks, "mean retention", *COSTS]
     rows = []
     for model, facts in report["models"].items():
         scores = report["scores"][model]
@@ -102,11 +105,12 @@ def from_report(path: Path, tasks: list[str] | None) -> dict:
                   facts.get("kv_bytes_per_token"),
                   None if facts.get("flops_skipped") is None else f"{facts['flops_skipped']:.0%}"]
         rows.append(cells)
+    kept = [i for i, name in enumerate(columns) if name not in COSTS or any(row[i] is not None for row in rows)]
     machine = run.get("machine") or {}
     return {"measured": {"date": run["date"], "commit": run.get("commit") or "unknown",
                          "machine": f"{machine.get('cpu', 'unknown CPU')}, {machine.get('cores', '?')} cores",
-                         "command": run.get("command") or "unknown", "note": "(retention in brackets)"},
-            "columns": columns, "rows": rows}
+                         "command": run.get("command") or "unknown", "note": " ".join(["(retention in brackets)", note])},
+            "columns": [columns[i] for i in kept], "rows": [[row[i] for i in kept] for row in rows]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-report", type=Path, help="a report.json or llmopt_report.json to import")
     parser.add_argument("--name", help="with --from-report: the result's name (docs/results/NAME.json)")
     parser.add_argument("--tasks", nargs="+", help="with --from-report: the tasks to show (default: all)")
+    parser.add_argument("--note", default="", help="with --from-report: what a reader should know about the run")
     args = parser.parse_args(argv)
     if args.from_report:
         if not args.name:
             parser.error("--from-report needs --name")
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(from_report(args.from_report, args.tasks), indent=1)
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(from_report(args.from_report, args.tasks, args.note), indent=1, ensure_ascii=False)
                                                    + "\n")
         return 0
     stale = []
