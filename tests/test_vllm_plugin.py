@@ -186,7 +186,7 @@ def test_serve_refuses_before_starting_vllm(tmp_path, capsys, monkeypatch):
     broken = write_config(tmp_path / "broken", {})
     (broken / "config.json").write_text("{ not json")
     assert main(["serve", str(broken)]) == 2
-    assert "config.json is not valid JSON" in capsys.readouterr().err
+    assert "config.json is corrupt (not JSON" in capsys.readouterr().err
     sparse = write_config(tmp_path / "sparse", {"llmopt": {"version": 2, "sparse": {}}})
     monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
     assert main(["serve", str(sparse)]) == 2
@@ -206,7 +206,8 @@ def test_serve_on_a_cpu_without_bf16_units_asks_vllm_for_float32(tmp_path, monke
     monkeypatch.setattr(precision, "native_bfloat16", lambda device: native)
     started = []
     monkeypatch.setattr(os, "execve", lambda path, command, env: started.append(command))
-    plain = write_config(tmp_path / "plain", {"architectures": ["LlamaForCausalLM"]})
+    plain = tmp_path / "plain"
+    tiny_model(**SHAPE).save_pretrained(plain)  # a complete checkpoint: serve checks its weights before vLLM starts
     assert main(["serve", str(plain)]) == 0
     assert started[0][started[0].index("--dtype") + 1] == dtype
     assert main(["serve", str(plain), "--dtype", "bfloat16"]) == 0  # the user's choice wins
