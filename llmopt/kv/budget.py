@@ -8,7 +8,6 @@ the search windows stays within `max_loss`; the chosen model is verified on wind
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 
@@ -18,15 +17,15 @@ import torch.nn as nn
 from llmopt.arch import ArchAdapter, AttentionShape
 from llmopt.budget import Ladder, greedy_path, longest_within
 from llmopt.distill import kl_divergence
-from llmopt.eval.perplexity import window_nll
+from llmopt.eval.perplexity import perplexity
 
 BATCH = 4
 BYTES_PER_ELEMENT = 2  # the report's bf16 KV cache, as `model_costs`
 
 
-def perplexity_loss(model: nn.Module, windows: torch.Tensor, original_nll: float) -> float:
-    """Perplexity ratio − 1 of `model` against the original's mean NLL on the same ``windows [n, seq_len]``."""
-    return math.exp(window_nll(model, windows, BATCH, progress=False).mean().item() - original_nll) - 1
+def perplexity_loss(model: nn.Module, windows: torch.Tensor, original_perplexity: float) -> float:
+    """Perplexity ratio − 1 of `model` against the original's perplexity on the same ``windows [n, seq_len]``."""
+    return perplexity(model, windows, BATCH, progress=False) / original_perplexity - 1
 
 
 @torch.no_grad()
@@ -82,8 +81,8 @@ def spend_budget(model: nn.Module, adapter: ArchAdapter, originals: list[nn.Modu
         return perplexity_loss(model, search, original_search)
 
     set_attention(layers, adapter.attention, originals)
-    original_search = window_nll(model, search, BATCH, progress=False).mean().item()
-    original_verify = window_nll(model, verify, BATCH, progress=False).mean().item()
+    original_search, original_verify = (perplexity(model, windows, BATCH, progress=False)
+                                        for windows in (search, verify))
     try:
         step, measured = longest_within(path, search_loss, max_loss)
     except BaseException:
