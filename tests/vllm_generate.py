@@ -4,7 +4,7 @@ SPEC: {"model": dir, "engine": {further vllm.LLM arguments; enforce_eager defaul
 "max_tokens": n, "routing_counts": bool}. Each call is one `generate` on the same engine, in order (so later calls
 can hit the prefix cache). RESULT: per call and prompt the greedy tokens, their logprobs and the prompt tokens found
 in the prefix cache; the CPU attention backend this process resolved; the KV cache capacity in tokens; with routing_counts, a routed model's
-``{block: [tokens routed, tokens kept]}`` over all calls (read from the worker: needs
+``{block: [tokens routed, tokens kept]}`` over all calls, one per worker (read from the workers: needs
 VLLM_ALLOW_INSECURE_SERIALIZATION=1). A script of its own because vLLM starts its workers
 with spawn (the entry point needs `__main__`).
 """
@@ -32,7 +32,7 @@ def main() -> None:
                                    for c in completions])
         result["cached"].append([output.num_cached_tokens for output in outputs])
     if spec.get("routing_counts"):
-        result["routing_counts"] = llm.apply_model(methodcaller("routing_counts"))[0]
+        result["routing_counts"] = llm.apply_model(methodcaller("routing_counts"))
     print("RESULT" + json.dumps(result))
 
 

@@ -45,6 +45,7 @@ from llmopt.sparse.config import SparseAttentionConfig
 from llmopt.vllm_plugin.crossover import describe, load_crossover
 from llmopt.vllm_plugin.paged_decode import PagedKeyBounds, paged_sparse_decode
 from llmopt.vllm_plugin.paged_kv import LAYOUT_ISAS
+from llmopt.vllm_plugin.servable import split_query_groups
 from llmopt.vllm_plugin.sparse_chunk import paged_sparse_prefill
 
 logger = init_logger(__name__)
@@ -107,6 +108,12 @@ class SparseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             logger.warning("llmopt sparse attention: the %s kernel's KV cache layout is not supported (only %s); "
                            "attention runs dense", self.isa, ", ".join(LAYOUT_ISAS))
             config = None
+        if config is not None:
+            split = split_query_groups(read_record(vllm_config.model_config.hf_config),
+                                       vllm_config.model_config.hf_config.num_key_value_heads,
+                                       vllm_config.parallel_config.tensor_parallel_size)
+            if split:
+                raise ValueError(f"llmopt: {split}")
         self.sparse = config
         self.decode_pages = config.decode_pages if config is not None else 0
         if self.decode_pages and self.block_size % config.decode_page_size:
