@@ -116,11 +116,6 @@ def test_an_accuracy_budget_chooses_per_layer_counts_within_it_and_verifies(tmp_
     assert min(budget["path_losses"].values()) > 0 and max(budget["path_losses"].values()) > 0.006
     assert budget["compressed_layers"] == [i for i, heads in enumerate(kv_heads(model)) if heads == 1]
     assert model.config.llmopt["kv"]["max_loss"] is None
-    # the chosen layers were folded again on their own inputs: the model a per-layer recipe of those counts gives
-    assert budget["refolded"] and isinstance(chosen, list)
-    recipe = KVCompressionConfig(num_kv_heads=chosen, calibration_tokens=768, seq_len=64)
-    torch.testing.assert_close(logits(model, own_text[:2]),
-                               logits(patch_model(tiny_model(), recipe, calibration=own_text), own_text[:2]))
     loaded, _ = load_optimized(save_optimized(model, tmp_path / "out"))
     torch.testing.assert_close(logits(loaded, own_text[:2]), logits(model, own_text[:2]))
     with pytest.raises(ConfigError, match=r"max_loss = 1e-05 cannot be met: the lightest setting .* already loses"):

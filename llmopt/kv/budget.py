@@ -3,16 +3,13 @@
 Every layer has been folded once (the calibrated fold, all layers). Sensitivity: the KL of the final logits to the
 original on the search windows with only that layer's folded attention spliced into the original model. The
 greedy path then takes layers in order of KL per byte saved, and is walked as far as the perplexity ratio − 1 on
-the search windows stays within `max_loss`. The chosen layers are then folded again (`refold`), each on the inputs
-the chosen model gives it (the first fold saw every layer before it folded), and the final model is verified on
-windows the search never saw.
+the search windows stays within `max_loss`; the chosen model is verified on windows the search never saw.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -58,15 +55,13 @@ def set_attention(layers: list[nn.Module], attention: str, modules: list[nn.Modu
 
 
 def spend_budget(model: nn.Module, adapter: ArchAdapter, originals: list[nn.Module], shape: AttentionShape,
-                 targets: list[int], max_loss: float, search: torch.Tensor, verify: torch.Tensor,
-                 refold: Callable[[list[int]], None] | None = None) -> tuple[list[int], dict]:
+                 targets: list[int], max_loss: float, search: torch.Tensor,
+                 verify: torch.Tensor) -> tuple[list[int], dict]:
     """Keep each layer's folded attention (now in `model`, with `targets` KV heads) or its original, the cheapest
-    mix whose perplexity ratio − 1 on ``search [n, seq_len]`` is within `max_loss`; leaves that mix in `model`,
-    re-folded by ``refold(per-layer counts)`` where given and some layers stay original.
+    mix whose perplexity ratio − 1 on ``search [n, seq_len]`` is within `max_loss`; leaves that mix in `model`.
 
     Returns the per-layer KV head counts and the report: sensitivity per layer, the losses measured on the path,
-    the chosen loss on `search` (as spliced), the final model's loss on `search` and on ``verify`` (never searched),
-    and the KV saving."""
+    the chosen loss on `search`, the verified loss on ``verify`` (never searched) and the KV saving."""
     started = time.perf_counter()
     layers = list(adapter.decoder_layers(model))
     folded = adapter.attention_modules(model)
@@ -95,12 +90,8 @@ def spend_budget(model: nn.Module, adapter: ArchAdapter, originals: list[nn.Modu
         raise
     rungs = path[step]
     set_attention(layers, adapter.attention, chosen(rungs))
-    heads = [target if rung else num_kv_heads for target, rung in zip(targets, rungs)]
-    refolded = refold is not None and not all(rungs)
-    if refolded:
-        refold(heads)
-    final_search = perplexity_loss(model, search, original_search) if refolded else measured[step]
     verified = perplexity_loss(model, verify, original_verify)
+    heads = [target if rung else num_kv_heads for target, rung in zip(targets, rungs)]
     if verified > max_loss:
         warnings.warn(f"kv.max_loss = {max_loss:g}: the chosen layers lose {verified:.4f} on the verification "
                       f"windows (search windows: {measured[step]:.4f}); give more search_tokens, or a lower budget",
@@ -111,8 +102,6 @@ def spend_budget(model: nn.Module, adapter: ArchAdapter, originals: list[nn.Modu
         "path_losses": {str(index + 1): round(loss, 4) for index, loss in sorted(measured.items())},
         "compressed_layers": [index for index, rung in enumerate(rungs) if rung],
         "search_loss": round(measured[step], 4),
-        "refolded": refolded,
-        "final_search_loss": round(final_search, 4),
         "verified_loss": round(verified, 4),
         "within_budget": verified <= max_loss,
         "kv_ratio": round(num_kv_heads * len(heads) / sum(heads), 4),

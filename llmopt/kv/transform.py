@@ -16,7 +16,7 @@ import torch.nn as nn
 from llmopt.arch import ArchAdapter, AttentionShape, adapter_for, attention_shape
 from llmopt.arch.adapter import UnsupportedModelError, architecture
 from llmopt.config import ConfigError
-from llmopt.kv.budget import set_attention, spend_budget
+from llmopt.kv.budget import spend_budget
 from llmopt.kv.config import METHODS, KVCompressionConfig, kv_heads_per_layer
 from llmopt.kv.fold import fold_attention
 from llmopt.kv.heal import heal_attention
@@ -182,14 +182,8 @@ class KVCompression(Transform):
                                           adapter.rotary_dims(model.config, index))
         details["fold_seconds"] = round(time.perf_counter() - started, 1)
         if budget_windows is not None:
-            def refold(heads: list[int]) -> None:  # the chosen layers, from the originals, on their own inputs
-                set_attention(adapter.decoder_layers(model), adapter.attention, copy.deepcopy(originals))
-                calibrate_layerwise(model, adapter, shape, heads, windows, solve, config.refit_o_proj,
-                                    config.layer_healing)
-
-            targets, details["budget"] = spend_budget(model, adapter, originals, shape, targets, config.max_loss,
-                                                      *budget_windows,
-                                                      refold if config.method == "calibrated" else None)
+            targets, details["budget"] = spend_budget(model, adapter, originals, shape, targets,
+                                                      config.max_loss, *budget_windows)
             details["num_key_value_heads"][1] = targets[0] if is_uniform(targets) else targets
             record_layer_targets(model, config, targets)
         model.config.num_key_value_heads = targets[0] if is_uniform(targets) else shape.num_kv_heads
