@@ -8,11 +8,13 @@ the search windows stays within `max_loss`; the chosen model is verified on wind
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from llmopt.arch import ArchAdapter, AttentionShape
 from llmopt.budget import Ladder, greedy_path, longest_within
@@ -36,7 +38,10 @@ def splice_sensitivity(model: nn.Module, layers: list[nn.Module], attention: str
     device = next(model.parameters()).device
     set_attention(layers, attention, originals)
     totals = [0.0] * len(layers)
-    for batch in windows.split(BATCH):
+    batches = windows.split(BATCH)
+    bar = tqdm(total=len(batches) * sum(m is not o for m, o in zip(changed, originals)),
+               desc="budget: layer sensitivity", unit="pass")
+    for batch in batches:
         batch = batch.to(device)
         reference = model(input_ids=batch, use_cache=False).logits
         for index, (layer, module) in enumerate(zip(layers, changed)):
@@ -46,6 +51,8 @@ def splice_sensitivity(model: nn.Module, layers: list[nn.Module], attention: str
             logits = model(input_ids=batch, use_cache=False).logits
             setattr(layer, attention, originals[index])
             totals[index] += kl_divergence(logits, reference).double().item() * len(batch)
+            bar.update()
+    bar.close()
     return [total / len(windows) for total in totals]
 
 
@@ -78,7 +85,10 @@ def spend_budget(model: nn.Module, adapter: ArchAdapter, originals: list[nn.Modu
 
     def search_loss(rungs: list[int]) -> float:
         set_attention(layers, adapter.attention, chosen(rungs))
-        return perplexity_loss(model, search, original_search)
+        loss = perplexity_loss(model, search, original_search)
+        print(f"[budget] {sum(rungs)} of {len(rungs)} layers folded: loss {loss:.4f} on the search windows "
+              f"(budget {max_loss:g})", file=sys.stderr, flush=True)
+        return loss
 
     set_attention(layers, adapter.attention, originals)
     original_search, original_verify = (perplexity(model, windows, BATCH, progress=False)
