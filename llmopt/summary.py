@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from llmopt.arch import attention_shape
-from llmopt.kv.config import kv_heads_per_layer
+from llmopt.kv.config import kv_bytes_per_token, kv_heads_per_layer
 from llmopt.record import read_record
 
 KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
@@ -36,8 +36,7 @@ def model_summary(model: nn.Module) -> str:
         ("RoPE", rope_description(config)),
         ("tied embeddings", bool(getattr(config, "tie_word_embeddings", False))),
     ]
-    rows += [(f"KV bytes/token ({name})", f"{2 * sum(heads) * shape.head_dim * size:,}")
-             for name, size in KV_DTYPES.items()]
+    rows += [(f"KV bytes/token ({name})", f"{kv_bytes_per_token(config, size):,}") for name, size in KV_DTYPES.items()]
     record = read_record(model)
     if record:
         rows.append(("llmopt transforms", ", ".join(record.transforms)))

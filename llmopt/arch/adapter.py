@@ -205,10 +205,6 @@ class AttentionShape:
     hidden_size: int
     num_layers: int
 
-    def kv_bytes_per_token(self, bytes_per_element: int) -> int:
-        """K and V of every layer for one token."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_element
-
 
 def architecture(model: nn.Module) -> str:
     names = getattr(model.config, "architectures", None) or [type(model).__name__]

@@ -54,13 +54,12 @@ class ModelCost:
 def model_cost(model: nn.Module, bytes_per_param: int = 2) -> ModelCost:
     """The costs of `model` (any device, meta included) with weights and KV cache in `bytes_per_param` bytes."""
     from llmopt.arch import attention_shape
-    from llmopt.kv.config import kv_heads_per_layer
+    from llmopt.kv.config import kv_bytes_per_token
 
     shape = attention_shape(model.config)
-    kv_bytes = 2 * sum(kv_heads_per_layer(model.config)) * shape.head_dim * bytes_per_param
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     return ModelCost(params=sum(p.numel() for p in model.parameters()), matmul_params=matmul,
-                     bytes_per_param=bytes_per_param, kv_bytes_per_token=kv_bytes,
+                     bytes_per_param=bytes_per_param, kv_bytes_per_token=kv_bytes_per_token(model.config, bytes_per_param),
                      attention_flops_per_context_token=4 * shape.num_layers * shape.num_heads * shape.head_dim)
 
 

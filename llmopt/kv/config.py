@@ -144,3 +144,10 @@ def kv_heads_per_layer(config: Any) -> list[int]:
     if kv is not None and isinstance(kv.num_kv_heads, list):
         return kv.layer_targets(shape.num_kv_heads, shape.num_layers)
     return [shape.num_kv_heads] * shape.num_layers
+
+
+def kv_bytes_per_token(config: Any, bytes_per_element: int) -> int:
+    """K and V of every layer for one token, each layer with its own KV head count (`kv_heads_per_layer`)."""
+    from llmopt.arch import attention_shape
+
+    return 2 * sum(kv_heads_per_layer(config)) * attention_shape(config).head_dim * bytes_per_element

@@ -17,7 +17,7 @@ from llmopt.arch import ArchAdapter, AttentionShape, adapter_for, attention_shap
 from llmopt.arch.adapter import UnsupportedModelError, architecture
 from llmopt.config import ConfigError
 from llmopt.kv.budget import spend_budget
-from llmopt.kv.config import METHODS, KVCompressionConfig, kv_heads_per_layer
+from llmopt.kv.config import METHODS, KVCompressionConfig
 from llmopt.kv.fold import fold_attention
 from llmopt.kv.heal import heal_attention
 from llmopt.kv.layerwise import LayerReport, calibrate_layerwise
@@ -210,12 +210,6 @@ class KVCompression(Transform):
     def baselines(self, config: KVCompressionConfig) -> dict[str, KVCompressionConfig]:
         return {method: dataclasses.replace(config, method=method, max_loss=None, layer_healing=None, healing=None)
                 for method in METHODS if method != config.method}
-
-    def cost(self, model: nn.Module, config: KVCompressionConfig,
-             windows: torch.Tensor | None = None) -> dict[str, float]:
-        """K and V bytes per token in bf16, each layer with its own KV head count."""
-        return {"kv_bytes_per_token": 2 * sum(kv_heads_per_layer(model.config))
-                * attention_shape(model.config).head_dim * 2}
 
 
 def record_layer_targets(model: nn.Module, config: KVCompressionConfig, targets: list[int]) -> None:
