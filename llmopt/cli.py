@@ -65,8 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
               "(CPU) or 'llmopt[serve]' (GPU)", file=sys.stderr)
         return 2
     model = resolve_model(args.model)
+    tensor_parallel = tensor_parallel_size(args.vllm_args)
     local = Path(model).is_dir()
-    record = read_record(checkpoint_config(model)) if local else None
+    config = checkpoint_config(model) if local else None
+    record = read_record(config) if local else None
     cpu = cpu_build()
     refused, plugged = unservable(record, cpu), needs_plugin(record)
     if refused:
@@ -81,16 +83,15 @@ def _serve(args: argparse.Namespace) -> int:
               "installed (its entry point registers the plugin).", file=sys.stderr)
         return 2
     if local:
-        config = checkpoint_config(model)
         split = split_query_groups(record, config.get("num_key_value_heads") or config["num_attention_heads"],
-                                   tensor_parallel_size(args.vllm_args))
+                                   tensor_parallel)
         if split:
             print(f"{model}: {split}", file=sys.stderr)
             return 2
         check_checkpoint(model)  # before vLLM starts: it would answer a damaged checkpoint with a traceback
     env, dtype = dict(os.environ), args.dtype
     if cpu:
-        defaults = cpu_defaults(env, tensor_parallel_size(args.vllm_args))
+        defaults = cpu_defaults(env, tensor_parallel)
         env.update(defaults)
         print("llmopt serve: CPU defaults " + (", ".join(f"{k}={v}" for k, v in defaults.items()) or "none needed")
               + " (set them yourself to override)", file=sys.stderr)
