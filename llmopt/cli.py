@@ -53,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from llmopt.checkpoint_files import check_checkpoint, checkpoint_config
+    from llmopt.checkpoint_files import check_checkpoint, checkpoint_config, model_config
+    from llmopt.kv.config import kv_heads_per_layer
     from llmopt.models import resolve_model
     from llmopt.record import read_record
     from llmopt.vllm_plugin.servable import needs_plugin, served_by_plugin, split_query_groups, unservable
@@ -67,8 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     tensor_parallel = tensor_parallel_size(args.vllm_args)
     local = Path(model).is_dir()
-    config = checkpoint_config(model) if local else None
-    record = read_record(config) if local else None
+    record = read_record(checkpoint_config(model)) if local else None
     cpu = cpu_build()
     refused, plugged = unservable(record, cpu), needs_plugin(record)
     if refused:
@@ -83,8 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
               "installed (its entry point registers the plugin).", file=sys.stderr)
         return 2
     if local:
-        split = split_query_groups(record, config.get("num_key_value_heads") or config["num_attention_heads"],
-                                   tensor_parallel)
+        split = split_query_groups(record, kv_heads_per_layer(model_config(model)), tensor_parallel)
         if split:
             print(f"{model}: {split}", file=sys.stderr)
             return 2

@@ -189,8 +189,8 @@ def test_serve_refuses_before_starting_vllm(tmp_path, capsys, monkeypatch):
     assert main(["serve", str(broken)]) == 2
     assert "config.json is corrupt (not JSON" in capsys.readouterr().err
     sparse = write_config(tmp_path / "sparse", {"llmopt": {"version": 2, "sparse": {}}})
-    split = write_config(tmp_path / "split", {"num_attention_heads": 4, "num_key_value_heads": 1,
-                                              "llmopt": {"version": 2, "sparse": {}}})
+    split = write_config(tmp_path / "split", {"model_type": "llama", "num_attention_heads": 4,
+                                              "num_key_value_heads": 1, "llmopt": {"version": 2, "sparse": {}}})
     assert main(["serve", str(split), "--tensor-parallel-size", "2"]) == 2
     assert "a layer with 1 KV head(s) would split each head's query group" in capsys.readouterr().err
     monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")

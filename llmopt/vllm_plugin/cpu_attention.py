@@ -40,6 +40,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from llmopt.kv.config import kv_heads_per_layer
 from llmopt.record import read_record
 from llmopt.sparse.config import SparseAttentionConfig
 from llmopt.vllm_plugin.crossover import describe, load_crossover
@@ -109,8 +110,8 @@ class SparseCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                            "attention runs dense", self.isa, ", ".join(LAYOUT_ISAS))
             config = None
         if config is not None:
-            split = split_query_groups(read_record(vllm_config.model_config.hf_config),
-                                       vllm_config.model_config.hf_config.num_key_value_heads,
+            hf_config = vllm_config.model_config.hf_config
+            split = split_query_groups(read_record(hf_config), kv_heads_per_layer(hf_config),
                                        vllm_config.parallel_config.tensor_parallel_size)
             if split:
                 raise ValueError(f"llmopt: {split}")

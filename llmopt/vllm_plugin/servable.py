@@ -39,22 +39,19 @@ def unservable(record: OptimizationConfig | None, cpu: bool) -> list[str]:
     return refused
 
 
-def split_query_groups(record: OptimizationConfig | None, num_kv_heads: int, tensor_parallel_size: int) -> str | None:
+def split_query_groups(record: OptimizationConfig | None, layer_kv_heads: list[int],
+                       tensor_parallel_size: int) -> str | None:
     """Why a sparse checkpoint cannot run over `tensor_parallel_size` workers, or None. Sparse attention chooses
     blocks and pages per KV head from all the query heads of its group; a layer with fewer KV heads than workers
     has each replicated, its group split across workers, and each worker would choose from part of the group,
-    unlike one process. `num_kv_heads`: the count in the checkpoint's config (each layer's, unless the record lists
-    them)."""
-    if tensor_parallel_size == 1 or record is None or record.get("sparse") is None:
+    unlike one process. `layer_kv_heads`: each layer's count (`llmopt.kv.config.kv_heads_per_layer`)."""
+    fewest = min(layer_kv_heads)
+    if record is None or record.get("sparse") is None or tensor_parallel_size <= fewest:
         return None
-    kv = record.get("kv")
-    counts = kv.num_kv_heads if kv is not None and isinstance(kv.num_kv_heads, list) else [num_kv_heads]
-    if tensor_parallel_size <= min(counts):
-        return None
-    return (f"sparse attention over {tensor_parallel_size} tensor-parallel workers: a layer with {min(counts)} KV "
+    return (f"sparse attention over {tensor_parallel_size} tensor-parallel workers: a layer with {fewest} KV "
             f"head(s) would split each head's query group across workers, and each would choose the blocks to "
             f"attend from part of the group, unlike one process. Serve with --tensor-parallel-size at most "
-            f"{min(counts)}.")
+            f"{fewest}.")
 
 
 FTP, FTP_REFUSAL = "ftp", ("routing on FTP features (attention mass: vLLM's attention kernels do not return "
